@@ -1,0 +1,18 @@
+"""Test-wide set-up: 8 simulated CPU devices, set before JAX initialises its backend.
+
+Every test process sees 8 CPU devices, so sharding tests run anywhere. Tests that do not care
+use the first device implicitly, exactly as on a one-device machine.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Keep thread pools small: pytest-xdist runs two workers on a 2-core machine.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
