@@ -1,0 +1,52 @@
+"""The ``jaxgrpo`` command line: a thin dispatcher.
+
+Each sub-command lives with the code it drives and is imported only when used, so
+``jaxgrpo tasks list`` never loads the trainer, and ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module that defines ``add_arguments(parser)`` and ``run(args) -> int``, help)
+COMMANDS = {
+    "train": ("jaxgrpo.train.cli_train", "train a policy (no config: the built-in demo)"),
+    "sft": ("jaxgrpo.train.cli_sft", "supervised warm start on gold answers"),
+    "eval": ("jaxgrpo.train.cli_eval", "per-task accuracy of a checkpoint"),
+    "tasks": ("jaxgrpo.tasks.cli", "list built-in tasks, or sample records from one"),
+    "score": ("jaxgrpo.tasks.cli_score", "score JSONL completions offline with a task's verifier"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+    parser = argparse.ArgumentParser(prog="jaxgrpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv else None
+    module = None
+    for name, (mod_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            try:
+                module = importlib.import_module(mod_name)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.startswith("jaxgrpo"):
+                    parser.exit(2, f"jaxgrpo: '{name}' is not available in this build ({e.name}).\n")
+                raise
+            module.add_arguments(p)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, module = build_parser(argv)
+    args = parser.parse_args(argv)
+    if module is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
