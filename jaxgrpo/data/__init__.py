@@ -1,0 +1,27 @@
+"""Host-side data: the multi-task prompt sampler and MT-GRPO's ratio-preserving sampler.
+
+Plain Python and numpy; no jax (the caller passes ``jax.process_index()`` and
+``jax.process_count()``).
+"""
+
+from jaxgrpo.data.ratio_sampler import (
+    FILTERS,
+    PRESETS,
+    Group,
+    RatioPreservingSampler,
+    StepResult,
+    is_filtered,
+)
+from jaxgrpo.data.task_sampler import Item, TaskSampler, largest_remainder
+
+__all__ = [
+    "FILTERS",
+    "PRESETS",
+    "Group",
+    "Item",
+    "RatioPreservingSampler",
+    "StepResult",
+    "TaskSampler",
+    "is_filtered",
+    "largest_remainder",
+]

@@ -1,0 +1,472 @@
+"""MT-GRPO's ratio-preserving sampler (RPS), with GRPO and DAPO dynamic sampling as settings.
+
+Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. One ``run_step``:
+
+1. **Targets** ``n_k`` (post-filter prompts per task, ``target_mode``): ``"multinomial"``
+   ``n ~ Multinomial(B, z)`` (paper §3.1 line 1); ``"scaled"`` ``round(B * ref_k / R)`` with
+   ``ref ~ Multinomial(R, z)``, ``R`` the round size (code §3.2, §9.6; may not sum to ``B``);
+   ``"exact"`` ``largest_remainder(z, B)`` (deterministic, as ``TaskSampler``).
+2. **Inflation** (acceptance-aware sampling, AAS, §3.1 line 2): ``m_k = min(1/(1-rho_k),
+   max_inflation)``; ``max_inflation=1`` turns AAS off. Recomputed each round from the current
+   ``rho`` (the code's behaviour).
+3. **Rounds.** Each round requests ``R = ceil(oversample * B)`` prompts (rounded up to
+   ``round_multiple``, e.g. the host count) split over tasks by ``draw_mode``
+   (``"multinomial"``, paper and code, or ``"exact"`` largest remainder) from a distribution
+   ``p``; ``generate`` rolls them out; the zero-advantage ``filter`` drops groups; ``rho_k``
+   takes one EMA step per round for every task generated in it: ``rho = d*rho + (1-d)*filtered
+   fraction`` (``rho_decay`` d = 0.9, from 0; §9.17). Round 1 uses ``p ∝ z*m``. Another round
+   runs while the batch is short and fewer than ``max_rounds`` rounds (the first included: the
+   code's ``max_num_gen_batches``; the paper's ``N_rs`` extra rounds is ``max_rounds = N_rs +
+   1``, §9.7) were run; "short" and the next ``p`` depend on ``schedule``:
+
+   * ratios not preserved (GRPO, DAPO): short = fewer than ``B`` accepted; ``p ∝ z*m``.
+   * ``schedule="paper"`` (Alg. 2 line 7): short = some deficit ``def_k = max(n_k - c_k, 0) >
+     0``; ``p ∝ def*m``.
+   * ``schedule="code"`` (§3.2): while fewer than ``B`` accepted, ``p ∝ z*m``; then, while some
+     ``def_k > 0``, ``p ∝ def*m``.
+4. **Trim and fill** (§3.1 line 8, §3.2): with ratios preserved, keep a random
+   ``min(c_k, n_k)`` per task (at most ``B`` in all); ``fill="accepted"`` tops up to ``B`` at
+   random from the other accepted groups, ``fill="none"`` does not. Without preservation (DAPO),
+   keep a random ``B`` of the accepted groups. If the round cap left fewer than ``B``, the batch
+   is short (the code trains on it); ``fill="pad"`` instead pads it with random filtered
+   groups, flagged in ``StepResult.padded`` (zero advantage, so no policy gradient; keeps JAX
+   shapes static).
+
+When the cap is not hit and the targets sum to ``B``, the realised per-task counts equal the
+targets exactly. Randomness is a pure function of ``(seed, step)``; the state is ``step`` and
+``rho``. For several hosts, run the same sampler on every host on the *global* groups (gather
+the filter outcome first) and let ``generate`` draw each host's share from a ``TaskSampler``
+(set ``round_multiple`` to the host count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxgrpo.data.task_sampler import _check_int, _normalized, largest_remainder
+
+FILTERS = ("strict", "lenient", "lenient_code", "none")
+TARGET_MODES = ("multinomial", "scaled", "exact")
+DRAW_MODES = ("multinomial", "exact")
+SCHEDULES = ("paper", "code")
+FILLS = ("accepted", "pad", "none")
+_STATE_FORMAT = "jaxgrpo.RatioPreservingSampler/1"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Group:
+    """One prompt's rollouts: ``rewards`` is ``[G]``; ``payload`` is opaque to the sampler."""
+
+    task: str
+    uid: str
+    rewards: Sequence[float]
+    payload: Any = None
+
+
+def is_filtered(rewards: Sequence[float], mode: str, *, correct: float = 1.0 - 1e-6) -> bool:
+    """Whether the zero-gradient filter drops a group (spec mt-grpo §3.1, §3.2, §9.10).
+
+    Modes: ``"lenient"`` drops groups whose rewards are all equal (zero advantage; DAPO dynamic
+    sampling, the best reading of Exp. 2); ``"strict"`` also drops groups with no reward
+    ``>= correct`` or with all rewards ``>= correct`` (Exp. 1); ``"lenient_code"`` drops only
+    all-0 and all-1 groups, keeping e.g. all-0.1 format-only groups as the released Exp. 2 code
+    does; ``"none"`` keeps everything (GRPO).
+    """
+    if mode not in FILTERS:
+        raise ValueError(f"filter must be one of {FILTERS}, got {mode!r}")
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError(f"rewards must be a non-empty 1-D list [G], got shape {r.shape}")
+    if mode == "none":
+        return False
+    if mode == "lenient_code":
+        return bool(np.all(r == 0.0) or np.all(r == 1.0))
+    constant = bool(np.all(r == r[0]))
+    if mode == "lenient":
+        return constant
+    hits = r >= correct
+    return constant or not hits.any() or bool(hits.all())
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one ``run_step`` produced; per-task dicts are keyed by task name.
+
+    Attributes:
+      step: the step index this result belongs to.
+      batch: the training groups, tasks in order, generation order within a task.
+      padded: aligned with ``batch``; True for filtered groups added by ``fill="pad"``.
+      targets: per-task target counts ``n_k``.
+      realised_counts: per-task accepted (non-padded) groups in ``batch``.
+      rounds: generation rounds used (>= 1).
+      hit_cap: the loop stopped at ``max_rounds`` while still short.
+      generated, filtered: per-task groups generated and dropped by the filter, all rounds.
+      filtered_rates: ``filtered / generated`` this step, before filtering (0 if none generated).
+      zero_adv_rates: share of generated groups with all-equal rewards (0 if none generated).
+      rho: the EMA filter rates after this step.
+      inflation: ``m_k`` at the start of the step.
+      weights: the normalised task weights ``z``.
+      requests: per round, the per-task prompt counts asked of ``generate``.
+    """
+
+    step: int
+    batch: list[Group]
+    padded: list[bool]
+    targets: dict[str, int]
+    realised_counts: dict[str, int]
+    rounds: int
+    hit_cap: bool
+    generated: dict[str, int]
+    filtered: dict[str, int]
+    filtered_rates: dict[str, float]
+    zero_adv_rates: dict[str, float]
+    rho: dict[str, float]
+    inflation: dict[str, float]
+    weights: dict[str, float]
+    requests: list[dict[str, int]]
+
+    @property
+    def accepted(self) -> list[Group]:
+        """The groups of ``batch`` that passed the filter."""
+        return [g for g, p in zip(self.batch, self.padded, strict=True) if not p]
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalar metrics: ``rps/...`` and ``task/<name>/...``."""
+        n = max(len(self.batch), 1)
+        out = {
+            "rps/rounds": float(self.rounds),
+            "rps/hit_cap": float(self.hit_cap),
+            "rps/batch_size": float(len(self.batch)),
+            "rps/num_padded": float(sum(self.padded)),
+            "rps/generated": float(sum(self.generated.values())),
+        }
+        for k in self.targets:
+            out[f"task/{k}/weight"] = self.weights[k]
+            out[f"task/{k}/target_count"] = float(self.targets[k])
+            out[f"task/{k}/realised_count"] = float(self.realised_counts[k])
+            out[f"task/{k}/realised_share"] = self.realised_counts[k] / n
+            out[f"task/{k}/filtered_rate"] = self.filtered_rates[k]
+            out[f"task/{k}/rho"] = self.rho[k]
+            out[f"task/{k}/inflation"] = self.inflation[k]
+        return out
+
+
+# Settings of the one object that give each algorithm (spec §3.2 table, §7.3 ablations, §9).
+PRESETS: dict[str, dict[str, Any]] = {
+    # B prompts in the fixed ratios, no filter, one round.
+    "grpo": dict(filter="none", oversample=1.0, max_rounds=1, preserve_ratios=False,
+                 max_inflation=1.0, target_mode="exact", draw_mode="exact"),
+    # Dynamic sampling: 3x oversampling, drop zero-advantage groups, regenerate until B.
+    "dapo": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=False,
+                 max_inflation=1.0),
+    # Ablation GRPO_RPS (§7.3): DAPO plus ratio preservation and AAS; pass uniform weights.
+    "grpo_rps": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=True,
+                     max_inflation=5.0),
+    # MT-GRPO with the spec's suggested defaults (paper Alg. 2, AAS on per §9.8).
+    "mt_grpo": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=True,
+                    max_inflation=5.0, schedule="paper", target_mode="multinomial"),
+    # The released Exp. 1 scripts: strict filter, 10 rounds in all, no AAS, code schedule.
+    "mt_grpo_exp1_code": dict(filter="strict", oversample=3.0, max_rounds=10,
+                              preserve_ratios=True, max_inflation=1.0, schedule="code",
+                              target_mode="scaled"),
+    # The released Exp. 2 scripts: lenient (code) filter, 2 rounds, AAS, RPS from step 10.
+    "mt_grpo_exp2_code": dict(filter="lenient_code", oversample=3.0, max_rounds=2,
+                              preserve_ratios=True, preserve_from_step=10, max_inflation=5.0,
+                              schedule="code", target_mode="scaled"),
+}
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+class RatioPreservingSampler:
+    """Builds each step's post-filter batch with per-task counts equal to targets drawn from z.
+
+    See the module docstring for the algorithm; ``PRESETS`` for GRPO, DAPO, GRPO+RPS and MT-GRPO.
+
+    Args:
+      task_names: the tasks, in the order weights are given.
+      batch_size: ``B``, prompts per training batch (post-filter).
+      target_mode: ``"multinomial"`` (paper), ``"scaled"`` (code) or ``"exact"``.
+      draw_mode: how a round's prompt count is split over tasks: ``"multinomial"`` or ``"exact"``.
+      oversample: ``M_os >= 1``; a round requests ``ceil(M_os * B)`` prompts.
+      max_inflation: ``M_acc >= 1``, cap of the AAS inflation; 1 turns AAS off.
+      rho_decay: EMA decay ``d`` of the per-task filter rate, in ``[0, 1)``.
+      max_rounds: cap on generation rounds per step, the first included.
+      schedule: ``"paper"`` or ``"code"`` resampling schedule (ratios preserved only).
+      filter: zero-gradient filter, one of ``FILTERS`` (see ``is_filtered``).
+      preserve_ratios: enforce the per-task targets (RPS); False gives DAPO/GRPO.
+      preserve_from_step: enforce only from this step on (Exp. 2 code warm-up, §9.9).
+      fill: ``"accepted"``, ``"pad"`` or ``"none"`` (module docstring, step 4).
+      round_multiple: round sizes are rounded up to a multiple of this (e.g. the host count).
+      correct: reward threshold for "correct" in the strict filter.
+      seed: non-negative int; step ``t`` uses ``np.random.default_rng([seed, t])``.
+    """
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        batch_size: int,
+        *,
+        target_mode: str = "multinomial",
+        draw_mode: str = "multinomial",
+        oversample: float = 3.0,
+        max_inflation: float = 5.0,
+        rho_decay: float = 0.9,
+        max_rounds: int = 10,
+        schedule: str = "paper",
+        filter: str = "lenient",
+        preserve_ratios: bool = True,
+        preserve_from_step: int = 0,
+        fill: str = "accepted",
+        round_multiple: int = 1,
+        correct: float = 1.0 - 1e-6,
+        seed: int = 0,
+    ):
+        names = tuple(task_names)
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"task_names must be distinct strings, got {task_names!r}")
+        self.task_names = names
+        self.batch_size = _check_int("batch_size", batch_size, minimum=1)
+        self.target_mode = _choice("target_mode", target_mode, TARGET_MODES)
+        self.draw_mode = _choice("draw_mode", draw_mode, DRAW_MODES)
+        self.schedule = _choice("schedule", schedule, SCHEDULES)
+        self.filter = _choice("filter", filter, FILTERS)
+        self.fill = _choice("fill", fill, FILLS)
+        if not oversample >= 1.0:
+            raise ValueError(f"oversample must be >= 1, got {oversample}")
+        if not max_inflation >= 1.0:
+            raise ValueError(f"max_inflation must be >= 1 (1 turns AAS off), got {max_inflation}")
+        if not 0.0 <= rho_decay < 1.0:
+            raise ValueError(f"rho_decay must be in [0, 1), got {rho_decay}")
+        self.oversample = float(oversample)
+        self.max_inflation = float(max_inflation)
+        self.rho_decay = float(rho_decay)
+        self.max_rounds = _check_int("max_rounds", max_rounds, minimum=1)
+        self.preserve_ratios = bool(preserve_ratios)
+        self.preserve_from_step = _check_int("preserve_from_step", preserve_from_step, minimum=0)
+        self.round_multiple = _check_int("round_multiple", round_multiple, minimum=1)
+        self.correct = float(correct)
+        self.seed = _check_int("seed", seed, minimum=0)
+        self.round_size = self.round_multiple * math.ceil(
+            self.oversample * self.batch_size / self.round_multiple - 1e-9
+        )
+        self.step = 0
+        self.rho = np.zeros(len(names), dtype=np.float64)
+
+    @classmethod
+    def from_preset(cls, name: str, task_names: Sequence[str], batch_size: int, **overrides):
+        """A sampler with ``PRESETS[name]`` settings, updated by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        return cls(task_names, batch_size, **{**PRESETS[name], **overrides})
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _weights(self, weights) -> np.ndarray:
+        if weights is None:
+            return np.full(len(self.task_names), 1.0 / len(self.task_names))
+        if isinstance(weights, Mapping):
+            if set(weights) != set(self.task_names):
+                raise ValueError(f"weights must name exactly the tasks {self.task_names}, "
+                                 f"got {list(weights)}")
+            weights = [weights[k] for k in self.task_names]
+        w = _normalized(list(weights), "weights")
+        if w.size != len(self.task_names):
+            raise ValueError(f"weights has {w.size} entries for {len(self.task_names)} tasks")
+        return w
+
+    def inflation(self) -> np.ndarray:
+        """``m_k = min(1 / (1 - rho_k), max_inflation)`` from the current ``rho``."""
+        return np.minimum(1.0 / np.maximum(1.0 - self.rho, 1e-12), self.max_inflation)
+
+    def _split(self, total: int, p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = p / p.sum()
+        if self.draw_mode == "exact":
+            return np.asarray(largest_remainder(list(p), total), dtype=np.int64)
+        return rng.multinomial(total, p)
+
+    def _targets(self, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        b = self.batch_size
+        if self.target_mode == "exact":
+            return np.asarray(largest_remainder(list(z), b), dtype=np.int64)
+        if self.target_mode == "multinomial":
+            return rng.multinomial(b, z)
+        ref = rng.multinomial(self.round_size, z)
+        return np.asarray([round(b * r / self.round_size) for r in ref], dtype=np.int64)
+
+    def _generate(self, generate, counts: np.ndarray, seen: set[str]) -> list[Group]:
+        requests = dict(zip(self.task_names, (int(c) for c in counts), strict=True))
+        groups = list(generate(requests))
+        got = dict.fromkeys(self.task_names, 0)
+        for g in groups:
+            if not isinstance(g, Group):
+                raise TypeError(f"generate must return Group objects, got {type(g).__name__}")
+            if g.task not in got:
+                raise ValueError(f"generate returned a group of unknown task {g.task!r}")
+            if g.uid in seen:
+                raise ValueError(f"generate returned uid {g.uid!r} twice in one step")
+            seen.add(g.uid)
+            got[g.task] += 1
+        if got != requests:
+            raise ValueError(f"generate returned per-task counts {got} for requests {requests}")
+        return groups
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def run_step(
+        self,
+        weights: Mapping[str, float] | Sequence[float] | None,
+        generate: Callable[[dict[str, int]], Sequence[Group]],
+    ) -> StepResult:
+        """Builds one training batch; advances ``step`` and ``rho``.
+
+        Args:
+          weights: task weights ``z`` (sum 1) for this step; ``None`` means uniform.
+          generate: ``requests -> groups``; called once per round with task -> prompt count and
+            must return exactly that many ``Group``s per task, uids unique within the step.
+        """
+        z = self._weights(weights)
+        k_tasks = len(self.task_names)
+        rng = np.random.default_rng([self.seed, self.step])
+        preserve = self.preserve_ratios and self.step >= self.preserve_from_step
+        targets = self._targets(z, rng)
+        m0 = self.inflation()
+        accepted: list[tuple[int, Group]] = []  # (task index, group), in generation order
+        rejected: list[tuple[int, Group]] = []
+        gen = np.zeros(k_tasks, np.int64)
+        filt = np.zeros(k_tasks, np.int64)
+        zero_adv = np.zeros(k_tasks, np.int64)
+        index = {name: i for i, name in enumerate(self.task_names)}
+        seen: set[str] = set()
+        requests: list[dict[str, int]] = []
+        p = z * m0
+        hit_cap = False
+        while True:
+            counts = self._split(self.round_size, p, rng)
+            requests.append(dict(zip(self.task_names, (int(c) for c in counts), strict=True)))
+            r_gen = np.zeros(k_tasks, np.int64)
+            r_filt = np.zeros(k_tasks, np.int64)
+            for g in self._generate(generate, counts, seen):
+                k = index[g.task]
+                r_gen[k] += 1
+                zero_adv[k] += is_filtered(g.rewards, "lenient")
+                if is_filtered(g.rewards, self.filter, correct=self.correct):
+                    r_filt[k] += 1
+                    rejected.append((k, g))
+                else:
+                    accepted.append((k, g))
+            gen += r_gen
+            filt += r_filt
+            seen_k = r_gen > 0
+            d = self.rho_decay
+            self.rho[seen_k] = d * self.rho[seen_k] + (1 - d) * r_filt[seen_k] / r_gen[seen_k]
+            have = np.bincount([k for k, _ in accepted], minlength=k_tasks)
+            deficit = np.maximum(targets - have, 0)
+            short_total = len(accepted) < self.batch_size
+            if not preserve:
+                short, p = short_total, z * self.inflation()
+            elif self.schedule == "paper":
+                short, p = deficit.sum() > 0, deficit * self.inflation()
+            else:
+                short = short_total or deficit.sum() > 0
+                p = z * self.inflation() if short_total else deficit * self.inflation()
+            if not short:
+                break
+            if len(requests) >= self.max_rounds:
+                hit_cap = True
+                break
+        batch = self._select(accepted, rejected, targets, preserve, rng)
+        return self._result(z, targets, m0, batch, len(requests), hit_cap, gen, filt, zero_adv,
+                            requests)
+
+    def _select(self, accepted, rejected, targets, preserve, rng) -> list[tuple[int, Group, bool]]:
+        """Trim to the targets and fill (module docstring, step 4); sorted by task, then order."""
+        b = self.batch_size
+        order = np.arange(len(accepted))
+        task_of = np.asarray([k for k, _ in accepted], dtype=np.int64)
+        if preserve:
+            keep = []
+            for k, n_k in enumerate(targets):
+                mine = order[task_of == k]
+                keep.extend(rng.choice(mine, size=min(int(n_k), mine.size), replace=False))
+            keep = np.asarray(keep, dtype=np.int64)
+            if keep.size > b:  # only "scaled" targets can sum to more than B
+                keep = rng.choice(keep, size=b, replace=False)
+            if self.fill != "none" and keep.size < b:
+                rest = np.setdiff1d(order, keep)
+                extra = rng.choice(rest, size=min(b - keep.size, rest.size), replace=False)
+                keep = np.concatenate([keep, extra])
+        else:
+            keep = rng.choice(order, size=min(b, order.size), replace=False)
+        chosen = [(accepted[i][0], i, accepted[i][1], False) for i in keep.tolist()]
+        if self.fill == "pad" and len(chosen) < b and rejected:
+            pads = rng.choice(len(rejected), size=min(b - len(chosen), len(rejected)),
+                              replace=False)
+            chosen += [(rejected[i][0], len(accepted) + i, rejected[i][1], True)
+                       for i in pads.tolist()]
+        chosen.sort(key=lambda t: (t[0], t[1]))
+        return [(k, g, pad) for k, _, g, pad in chosen]
+
+    def _result(self, z, targets, m0, batch, rounds, hit_cap, gen, filt, zero_adv, requests):
+        names = self.task_names
+        realised = np.bincount([k for k, _, pad in batch if not pad], minlength=len(names))
+
+        def per_task(values, cast=float):
+            return {n: cast(v) for n, v in zip(names, values, strict=True)}
+
+        rates = np.divide(filt, gen, out=np.zeros(len(names)), where=gen > 0)
+        zrates = np.divide(zero_adv, gen, out=np.zeros(len(names)), where=gen > 0)
+        result = StepResult(
+            step=self.step,
+            batch=[g for _, g, _ in batch],
+            padded=[pad for _, _, pad in batch],
+            targets=per_task(targets, int),
+            realised_counts=per_task(realised, int),
+            rounds=rounds,
+            hit_cap=hit_cap,
+            generated=per_task(gen, int),
+            filtered=per_task(filt, int),
+            filtered_rates=per_task(rates),
+            zero_adv_rates=per_task(zrates),
+            rho=per_task(self.rho),
+            inflation=per_task(m0),
+            weights=per_task(z),
+            requests=requests,
+        )
+        self.step += 1
+        return result
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able: the step (which with the seed fixes all randomness) and ``rho``."""
+        return {
+            "format": _STATE_FORMAT,
+            "seed": self.seed,
+            "step": self.step,
+            "rho": {n: float(r) for n, r in zip(self.task_names, self.rho, strict=True)},
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores ``get_state()`` output."""
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"state is not a {_STATE_FORMAT} dict (from get_state)")
+        if state["seed"] != self.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, sampler has {self.seed}")
+        rho = state["rho"]
+        if list(rho) != list(self.task_names):
+            raise ValueError(f"state has tasks {list(rho)}, sampler {list(self.task_names)}")
+        values = np.asarray([rho[n] for n in self.task_names], dtype=np.float64)
+        if not np.all((values >= 0) & (values <= 1)):
+            raise ValueError(f"state['rho'] must lie in [0, 1], got {values.tolist()}")
+        self.step = _check_int("state['step']", state["step"], minimum=0)
+        self.rho = values
