@@ -112,6 +112,7 @@ class StepResult:
       inflation: ``m_k`` at the start of the step.
       weights: the normalised task weights ``z``.
       requests: per round, the per-task prompt counts asked of ``generate``.
+      accepted_counts: per round, the per-task groups accepted so far (cumulative).
     """
 
     step: int
@@ -129,6 +130,7 @@ class StepResult:
     inflation: dict[str, float]
     weights: dict[str, float]
     requests: list[dict[str, int]]
+    accepted_counts: list[dict[str, int]]
 
     @property
     def accepted(self) -> list[Group]:
@@ -348,6 +350,7 @@ class RatioPreservingSampler:
         index = {name: i for i, name in enumerate(self.task_names)}
         seen: set[str] = set()
         requests: list[dict[str, int]] = []
+        accepted_counts: list[dict[str, int]] = []
         p = z * m0
         hit_cap = False
         while True:
@@ -370,6 +373,7 @@ class RatioPreservingSampler:
             d = self.rho_decay
             self.rho[seen_k] = d * self.rho[seen_k] + (1 - d) * r_filt[seen_k] / r_gen[seen_k]
             have = np.bincount([k for k, _ in accepted], minlength=k_tasks)
+            accepted_counts.append(dict(zip(self.task_names, map(int, have), strict=True)))
             deficit = np.maximum(targets - have, 0)
             short_total = len(accepted) < self.batch_size
             if not preserve:
@@ -385,8 +389,8 @@ class RatioPreservingSampler:
                 hit_cap = True
                 break
         batch = self._select(accepted, rejected, targets, preserve, rng)
-        return self._result(z, targets, m0, batch, len(requests), hit_cap, gen, filt, zero_adv,
-                            requests)
+        return self._result(z, targets, m0, batch, hit_cap, gen, filt, zero_adv, requests,
+                            accepted_counts)
 
     def _select(self, accepted, rejected, targets, preserve, rng) -> list[tuple[int, Group, bool]]:
         """Trim to the targets and fill (module docstring, step 4); sorted by task, then order."""
@@ -416,7 +420,7 @@ class RatioPreservingSampler:
         chosen.sort(key=lambda t: (t[0], t[1]))
         return [(k, g, pad) for k, _, g, pad in chosen]
 
-    def _result(self, z, targets, m0, batch, rounds, hit_cap, gen, filt, zero_adv, requests):
+    def _result(self, z, targets, m0, batch, hit_cap, gen, filt, zero_adv, requests, accepted):
         names = self.task_names
         realised = np.bincount([k for k, _, pad in batch if not pad], minlength=len(names))
 
@@ -431,7 +435,7 @@ class RatioPreservingSampler:
             padded=[pad for _, _, pad in batch],
             targets=per_task(targets, int),
             realised_counts=per_task(realised, int),
-            rounds=rounds,
+            rounds=len(requests),
             hit_cap=hit_cap,
             generated=per_task(gen, int),
             filtered=per_task(filt, int),
@@ -441,6 +445,7 @@ class RatioPreservingSampler:
             inflation=per_task(m0),
             weights=per_task(z),
             requests=requests,
+            accepted_counts=accepted,
         )
         self.step += 1
         return result
