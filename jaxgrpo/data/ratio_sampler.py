@@ -4,7 +4,8 @@ Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. O
 
 1. **Targets** ``n_k`` (post-filter prompts per task, ``target_mode``): ``"multinomial"``
    ``n ~ Multinomial(B, z)`` (paper §3.1 line 1); ``"scaled"`` ``round(B * ref_k / R)`` with
-   ``ref ~ Multinomial(R, z)``, ``R`` the round size (code §3.2, §9.6; may not sum to ``B``);
+   ``ref ~ Multinomial(R, z)``, ``R`` the round size (code §3.2, §9.6; may not sum to ``B``;
+   without AAS ``ref`` is round 1's own draw, as in the code);
    ``"exact"`` ``largest_remainder(z, B)`` (deterministic, as ``TaskSampler``).
 2. **Inflation** (acceptance-aware sampling, AAS, §3.1 line 2): ``m_k = min(1/(1-rho_k),
    max_inflation)``; ``max_inflation=1`` turns AAS off. Recomputed each round from the current
@@ -211,6 +212,18 @@ class RatioPreservingSampler:
       round_multiple: round sizes are rounded up to a multiple of this (e.g. the host count).
       correct: reward threshold for "correct" in the strict filter.
       seed: non-negative int; step ``t`` uses ``np.random.default_rng([seed, t])``.
+
+    Example (prompts from a ``TaskSampler``; odd records give mixed rewards, even ones all-1):
+      >>> from jaxgrpo.data import TaskSampler
+      >>> prompts = TaskSampler({t: [{"q": i} for i in range(40)] for t in ("a", "b")},
+      ...                       global_batch=2, seed=0)
+      >>> def generate(requests):
+      ...     return [Group(it.task, it.uid, (1.0, 0.0) if it.index % 2 else (1.0, 1.0))
+      ...             for it in prompts.draw(requests)]
+      >>> rps = RatioPreservingSampler.from_preset("mt_grpo", ["a", "b"], 8, seed=0)
+      >>> res = rps.run_step({"a": 0.25, "b": 0.75}, generate)
+      >>> res.realised_counts == res.targets, len(res.batch), res.hit_cap
+      (True, 8, False)
     """
 
     def __init__(
@@ -296,14 +309,15 @@ class RatioPreservingSampler:
             return np.asarray(largest_remainder(list(p), total), dtype=np.int64)
         return rng.multinomial(total, p)
 
-    def _targets(self, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _targets(self, z: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
+        """The targets ``n_k``, and for ``"scaled"`` the reference draw ``Multinomial(R, z)``."""
         b = self.batch_size
         if self.target_mode == "exact":
-            return np.asarray(largest_remainder(list(z), b), dtype=np.int64)
+            return np.asarray(largest_remainder(list(z), b), dtype=np.int64), None
         if self.target_mode == "multinomial":
-            return rng.multinomial(b, z)
-        ref = rng.multinomial(self.round_size, z)
-        return np.asarray([round(b * r / self.round_size) for r in ref], dtype=np.int64)
+            return rng.multinomial(b, z), None
+        ref = self._split(self.round_size, z, rng)
+        return np.asarray([round(b * r / self.round_size) for r in ref], dtype=np.int64), ref
 
     def _generate(self, generate, counts: np.ndarray, seen: set[str]) -> list[Group]:
         requests = dict(zip(self.task_names, (int(c) for c in counts), strict=True))
@@ -340,8 +354,11 @@ class RatioPreservingSampler:
         k_tasks = len(self.task_names)
         rng = np.random.default_rng([self.seed, self.step])
         preserve = self.preserve_ratios and self.step >= self.preserve_from_step
-        targets = self._targets(z, rng)
         m0 = self.inflation()
+        targets, ref = self._targets(z, rng)
+        # "scaled" (§3.2): without AAS the code takes the reference shares from round 1's own
+        # draw (from z); with AAS from a separate draw made before inflation.
+        first = ref if ref is not None and np.all(m0 == 1.0) else None
         accepted: list[tuple[int, Group]] = []  # (task index, group), in generation order
         rejected: list[tuple[int, Group]] = []
         gen = np.zeros(k_tasks, np.int64)
@@ -354,7 +371,8 @@ class RatioPreservingSampler:
         p = z * m0
         hit_cap = False
         while True:
-            counts = self._split(self.round_size, p, rng)
+            counts = first if first is not None else self._split(self.round_size, p, rng)
+            first = None
             requests.append(dict(zip(self.task_names, (int(c) for c in counts), strict=True)))
             r_gen = np.zeros(k_tasks, np.int64)
             r_filt = np.zeros(k_tasks, np.int64)

@@ -277,6 +277,11 @@ def test_scaled_targets_are_rescaled_reference_shares():
         res = rps.run_step([0.3, 0.3, 0.4], MockGenerator(RATES))
         assert abs(sum(res.targets.values()) - 10) <= 2
         assert len(res.batch) <= 10
+    # Without AAS the reference shares are round 1's own draw (the released code, §3.2).
+    rps = RatioPreservingSampler(TASKS, 10, target_mode="scaled", max_inflation=1.0, seed=0)
+    for _ in range(20):
+        res = rps.run_step([0.3, 0.3, 0.4], MockGenerator(RATES))
+        assert res.targets == {t: round(10 * res.requests[0][t] / 30) for t in TASKS}
 
 
 # ---- filters -------------------------------------------------------------------------------
@@ -316,6 +321,17 @@ def test_strict_filter_in_the_sampler_drops_groups_without_a_correct_rollout():
     assert res.zero_adv_rates == dict.fromkeys(TASKS, 0.0)
     lenient = RatioPreservingSampler(TASKS, 6, filter="lenient", draw_mode="exact", seed=0)
     assert sum(lenient.run_step(None, gen).filtered.values()) == 0
+
+
+def test_docstring_examples():
+    import doctest
+
+    import jaxgrpo.data.ratio_sampler
+    import jaxgrpo.data.task_sampler
+
+    for mod in (jaxgrpo.data.task_sampler, jaxgrpo.data.ratio_sampler):
+        failed, attempted = doctest.testmod(mod)
+        assert failed == 0 and attempted > 0, mod.__name__
 
 
 # ---- state ---------------------------------------------------------------------------------
