@@ -4,14 +4,8 @@ Plain Python and numpy; no jax (the caller passes ``jax.process_index()`` and
 ``jax.process_count()``).
 """
 
-from jaxgrpo.data.ratio_sampler import (
-    FILTERS,
-    PRESETS,
-    Group,
-    RatioPreservingSampler,
-    StepResult,
-    is_filtered,
-)
+from jaxgrpo.data.groups import FILTERS, Group, StepResult, is_filtered
+from jaxgrpo.data.ratio_sampler import PRESETS, RatioPreservingSampler
 from jaxgrpo.data.task_sampler import Item, TaskSampler, largest_remainder
 
 __all__ = [

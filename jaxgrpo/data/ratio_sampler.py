@@ -49,114 +49,14 @@ from typing import Any
 
 import numpy as np
 
+from jaxgrpo.data.groups import FILTERS, Group, StepResult, is_filtered
 from jaxgrpo.data.task_sampler import _check_int, _normalized, largest_remainder
 
-FILTERS = ("strict", "lenient", "lenient_code", "none")
 TARGET_MODES = ("multinomial", "scaled", "exact")
 DRAW_MODES = ("multinomial", "exact")
 SCHEDULES = ("paper", "code")
 FILLS = ("accepted", "pad", "none")
 _STATE_FORMAT = "jaxgrpo.RatioPreservingSampler/1"
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Group:
-    """One prompt's rollouts: ``rewards`` is ``[G]``; ``payload`` is opaque to the sampler."""
-
-    task: str
-    uid: str
-    rewards: Sequence[float]
-    payload: Any = None
-
-
-def is_filtered(rewards: Sequence[float], mode: str, *, correct: float = 1.0 - 1e-6) -> bool:
-    """Whether the zero-gradient filter drops a group (spec mt-grpo §3.1, §3.2, §9.10).
-
-    Modes: ``"lenient"`` drops groups whose rewards are all equal (zero advantage; DAPO dynamic
-    sampling, the best reading of Exp. 2); ``"strict"`` also drops groups with no reward
-    ``>= correct`` or with all rewards ``>= correct`` (Exp. 1); ``"lenient_code"`` drops only
-    all-0 and all-1 groups, keeping e.g. all-0.1 format-only groups as the released Exp. 2 code
-    does; ``"none"`` keeps everything (GRPO).
-    """
-    if mode not in FILTERS:
-        raise ValueError(f"filter must be one of {FILTERS}, got {mode!r}")
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.ndim != 1 or r.size == 0:
-        raise ValueError(f"rewards must be a non-empty 1-D list [G], got shape {r.shape}")
-    if mode == "none":
-        return False
-    if mode == "lenient_code":
-        return bool(np.all(r == 0.0) or np.all(r == 1.0))
-    constant = bool(np.all(r == r[0]))
-    if mode == "lenient":
-        return constant
-    hits = r >= correct
-    return constant or not hits.any() or bool(hits.all())
-
-
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-    """What one ``run_step`` produced; per-task dicts are keyed by task name.
-
-    Attributes:
-      step: the step index this result belongs to.
-      batch: the training groups, tasks in order, generation order within a task.
-      padded: aligned with ``batch``; True for filtered groups added by ``fill="pad"``.
-      targets: per-task target counts ``n_k``.
-      realised_counts: per-task accepted (non-padded) groups in ``batch``.
-      rounds: generation rounds used (>= 1).
-      hit_cap: the loop stopped at ``max_rounds`` while still short.
-      generated, filtered: per-task groups generated and dropped by the filter, all rounds.
-      filtered_rates: ``filtered / generated`` this step, before filtering (0 if none generated).
-      zero_adv_rates: share of generated groups with all-equal rewards (0 if none generated).
-      rho: the EMA filter rates after this step.
-      inflation: ``m_k`` at the start of the step.
-      weights: the normalised task weights ``z``.
-      requests: per round, the per-task prompt counts asked of ``generate``.
-      accepted_counts: per round, the per-task groups accepted so far (cumulative).
-    """
-
-    step: int
-    batch: list[Group]
-    padded: list[bool]
-    targets: dict[str, int]
-    realised_counts: dict[str, int]
-    rounds: int
-    hit_cap: bool
-    generated: dict[str, int]
-    filtered: dict[str, int]
-    filtered_rates: dict[str, float]
-    zero_adv_rates: dict[str, float]
-    rho: dict[str, float]
-    inflation: dict[str, float]
-    weights: dict[str, float]
-    requests: list[dict[str, int]]
-    accepted_counts: list[dict[str, int]]
-
-    @property
-    def accepted(self) -> list[Group]:
-        """The groups of ``batch`` that passed the filter."""
-        return [g for g, p in zip(self.batch, self.padded, strict=True) if not p]
-
-    def metrics(self) -> dict[str, float]:
-        """Flat scalar metrics: ``rps/...`` and ``task/<name>/...``."""
-        n = max(len(self.batch), 1)
-        out = {
-            "rps/rounds": float(self.rounds),
-            "rps/hit_cap": float(self.hit_cap),
-            "rps/batch_size": float(len(self.batch)),
-            "rps/num_padded": float(sum(self.padded)),
-            "rps/generated": float(sum(self.generated.values())),
-        }
-        for k in self.targets:
-            out[f"task/{k}/weight"] = self.weights[k]
-            out[f"task/{k}/target_count"] = float(self.targets[k])
-            out[f"task/{k}/realised_count"] = float(self.realised_counts[k])
-            out[f"task/{k}/realised_share"] = self.realised_counts[k] / n
-            out[f"task/{k}/filtered_rate"] = self.filtered_rates[k]
-            out[f"task/{k}/rho"] = self.rho[k]
-            out[f"task/{k}/inflation"] = self.inflation[k]
-        return out
 
 
 # Settings of the one object that give each algorithm (spec §3.2 table, §7.3 ablations, §9).
@@ -182,6 +82,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                               preserve_ratios=True, preserve_from_step=10, max_inflation=5.0,
                               schedule="code", target_mode="scaled"),
 }
+
+
+@dataclasses.dataclass
+class _StepPool:
+    """Everything generated within one step (the paper's set X, plus what was filtered)."""
+
+    num_tasks: int
+    accepted: list[tuple[int, Group]] = dataclasses.field(default_factory=list)
+    rejected: list[tuple[int, Group]] = dataclasses.field(default_factory=list)
+    seen: set[str] = dataclasses.field(default_factory=set)
+    requests: list[dict[str, int]] = dataclasses.field(default_factory=list)
+    accepted_counts: list[dict[str, int]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.generated = np.zeros(self.num_tasks, np.int64)
+        self.filtered = np.zeros(self.num_tasks, np.int64)
+        self.zero_adv = np.zeros(self.num_tasks, np.int64)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -351,64 +268,62 @@ class RatioPreservingSampler:
             must return exactly that many ``Group``s per task, uids unique within the step.
         """
         z = self._weights(weights)
-        k_tasks = len(self.task_names)
         rng = np.random.default_rng([self.seed, self.step])
         preserve = self.preserve_ratios and self.step >= self.preserve_from_step
         m0 = self.inflation()
         targets, ref = self._targets(z, rng)
         # "scaled" (§3.2): without AAS the code takes the reference shares from round 1's own
         # draw (from z); with AAS from a separate draw made before inflation.
-        first = ref if ref is not None and np.all(m0 == 1.0) else None
-        accepted: list[tuple[int, Group]] = []  # (task index, group), in generation order
-        rejected: list[tuple[int, Group]] = []
-        gen = np.zeros(k_tasks, np.int64)
-        filt = np.zeros(k_tasks, np.int64)
-        zero_adv = np.zeros(k_tasks, np.int64)
-        index = {name: i for i, name in enumerate(self.task_names)}
-        seen: set[str] = set()
-        requests: list[dict[str, int]] = []
-        accepted_counts: list[dict[str, int]] = []
-        p = z * m0
-        hit_cap = False
+        counts = ref if ref is not None and np.all(m0 == 1.0) else None
+        pool = _StepPool(len(self.task_names))
+        p, hit_cap = z * m0, False
         while True:
-            counts = first if first is not None else self._split(self.round_size, p, rng)
-            first = None
-            requests.append(dict(zip(self.task_names, (int(c) for c in counts), strict=True)))
-            r_gen = np.zeros(k_tasks, np.int64)
-            r_filt = np.zeros(k_tasks, np.int64)
-            for g in self._generate(generate, counts, seen):
-                k = index[g.task]
-                r_gen[k] += 1
-                zero_adv[k] += is_filtered(g.rewards, "lenient")
-                if is_filtered(g.rewards, self.filter, correct=self.correct):
-                    r_filt[k] += 1
-                    rejected.append((k, g))
-                else:
-                    accepted.append((k, g))
-            gen += r_gen
-            filt += r_filt
-            seen_k = r_gen > 0
-            d = self.rho_decay
-            self.rho[seen_k] = d * self.rho[seen_k] + (1 - d) * r_filt[seen_k] / r_gen[seen_k]
-            have = np.bincount([k for k, _ in accepted], minlength=k_tasks)
-            accepted_counts.append(dict(zip(self.task_names, map(int, have), strict=True)))
-            deficit = np.maximum(targets - have, 0)
-            short_total = len(accepted) < self.batch_size
-            if not preserve:
-                short, p = short_total, z * self.inflation()
-            elif self.schedule == "paper":
-                short, p = deficit.sum() > 0, deficit * self.inflation()
-            else:
-                short = short_total or deficit.sum() > 0
-                p = z * self.inflation() if short_total else deficit * self.inflation()
+            if counts is None:
+                counts = self._split(self.round_size, p, rng)
+            self._run_round(pool, generate, counts)
+            short, p = self._next_round(pool, z, targets, preserve)
+            counts = None
             if not short:
                 break
-            if len(requests) >= self.max_rounds:
+            if len(pool.requests) >= self.max_rounds:
                 hit_cap = True
                 break
-        batch = self._select(accepted, rejected, targets, preserve, rng)
-        return self._result(z, targets, m0, batch, hit_cap, gen, filt, zero_adv, requests,
-                            accepted_counts)
+        batch = self._select(pool.accepted, pool.rejected, targets, preserve, rng)
+        return self._result(z, targets, m0, batch, hit_cap, pool)
+
+    def _run_round(self, pool: _StepPool, generate, counts: np.ndarray) -> None:
+        """Generates one round, filters it into ``pool`` and takes one EMA step of ``rho``."""
+        names = self.task_names
+        pool.requests.append(dict(zip(names, (int(c) for c in counts), strict=True)))
+        r_gen = np.zeros(len(names), np.int64)
+        r_filt = np.zeros(len(names), np.int64)
+        for g in self._generate(generate, counts, pool.seen):
+            k = names.index(g.task)
+            r_gen[k] += 1
+            pool.zero_adv[k] += is_filtered(g.rewards, "lenient")
+            if is_filtered(g.rewards, self.filter, correct=self.correct):
+                r_filt[k] += 1
+                pool.rejected.append((k, g))
+            else:
+                pool.accepted.append((k, g))
+        pool.generated += r_gen
+        pool.filtered += r_filt
+        hit, d = r_gen > 0, self.rho_decay
+        self.rho[hit] = d * self.rho[hit] + (1 - d) * r_filt[hit] / r_gen[hit]
+        have = np.bincount([k for k, _ in pool.accepted], minlength=len(names))
+        pool.accepted_counts.append(dict(zip(names, map(int, have), strict=True)))
+
+    def _next_round(self, pool: _StepPool, z, targets, preserve) -> tuple[bool, np.ndarray]:
+        """Whether the batch is still short, and the next round's distribution (step 3)."""
+        have = np.asarray(list(pool.accepted_counts[-1].values()))
+        deficit = np.maximum(targets - have, 0)
+        short_total = len(pool.accepted) < self.batch_size
+        m = self.inflation()
+        if not preserve:
+            return short_total, z * m
+        if self.schedule == "paper":
+            return bool(deficit.sum() > 0), deficit * m
+        return short_total or bool(deficit.sum() > 0), z * m if short_total else deficit * m
 
     def _select(self, accepted, rejected, targets, preserve, rng) -> list[tuple[int, Group, bool]]:
         """Trim to the targets and fill (module docstring, step 4); sorted by task, then order."""
@@ -438,32 +353,33 @@ class RatioPreservingSampler:
         chosen.sort(key=lambda t: (t[0], t[1]))
         return [(k, g, pad) for k, _, g, pad in chosen]
 
-    def _result(self, z, targets, m0, batch, hit_cap, gen, filt, zero_adv, requests, accepted):
+    def _result(self, z, targets, m0, batch, hit_cap, pool: _StepPool) -> StepResult:
         names = self.task_names
         realised = np.bincount([k for k, _, pad in batch if not pad], minlength=len(names))
 
         def per_task(values, cast=float):
             return {n: cast(v) for n, v in zip(names, values, strict=True)}
 
-        rates = np.divide(filt, gen, out=np.zeros(len(names)), where=gen > 0)
-        zrates = np.divide(zero_adv, gen, out=np.zeros(len(names)), where=gen > 0)
+        gen = pool.generated
+        rates = np.divide(pool.filtered, gen, out=np.zeros(len(names)), where=gen > 0)
+        zrates = np.divide(pool.zero_adv, gen, out=np.zeros(len(names)), where=gen > 0)
         result = StepResult(
             step=self.step,
             batch=[g for _, g, _ in batch],
             padded=[pad for _, _, pad in batch],
             targets=per_task(targets, int),
             realised_counts=per_task(realised, int),
-            rounds=len(requests),
+            rounds=len(pool.requests),
             hit_cap=hit_cap,
             generated=per_task(gen, int),
-            filtered=per_task(filt, int),
+            filtered=per_task(pool.filtered, int),
             filtered_rates=per_task(rates),
             zero_adv_rates=per_task(zrates),
             rho=per_task(self.rho),
             inflation=per_task(m0),
             weights=per_task(z),
-            requests=requests,
-            accepted_counts=accepted,
+            requests=pool.requests,
+            accepted_counts=pool.accepted_counts,
         )
         self.step += 1
         return result
