@@ -365,6 +365,9 @@ class TaskSampler:
             if t["size"] != len(self._sources[k]):
                 raise ValueError(f"state: task {k!r} had {t['size']} records, now "
                                  f"{len(self._sources[k])}: the source changed")
+            cursor = _check_int(f"state['tasks'][{k!r}]['cursor']", t["cursor"], minimum=0)
+            if any(not 0 <= r < cursor for r in t["returned"]):
+                raise ValueError(f"state: task {k!r} has returned positions outside [0, {cursor})")
         self.step = _check_int("state['step']", state["step"], minimum=0)
         self._cursor = {k: int(t["cursor"]) for k, t in tasks.items()}
         self._returned = {k: sorted(int(p) for p in t["returned"]) for k, t in tasks.items()}

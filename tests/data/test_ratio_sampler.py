@@ -156,6 +156,95 @@ def test_round_sizes_respect_round_multiple():
     assert rps.round_size == 13
 
 
+def test_rho_is_a_per_round_ema_of_filtered_fractions():
+    """Loop reference: rho_k <- d*rho_k + (1-d)*filtered_k/generated_k per round (§3.2, §9.17)."""
+    d = 0.9
+    rps = RatioPreservingSampler(TASKS, 16, rho_decay=d, seed=9)
+    gen = MockGenerator(RATES)
+    rho = dict.fromkeys(TASKS, 0.0)
+    for _ in range(25):
+        res = rps.run_step([0.2, 0.3, 0.5], gen)
+        prev = dict.fromkeys(TASKS, 0)
+        for req, acc in zip(res.requests, res.accepted_counts, strict=True):
+            for t in TASKS:
+                if req[t] > 0:
+                    filtered = req[t] - (acc[t] - prev[t])
+                    rho[t] = d * rho[t] + (1 - d) * filtered / req[t]
+            prev = acc
+        for t in TASKS:
+            assert res.rho[t] == pytest.approx(rho[t], abs=1e-12)
+            assert rps.rho[TASKS.index(t)] == pytest.approx(rho[t], abs=1e-12)
+
+
+def test_random_configurations_keep_the_invariants():
+    rng = np.random.default_rng(4)
+    for trial in range(40):
+        k = int(rng.integers(1, 5))
+        tasks = tuple(f"t{i}" for i in range(k))
+        b = int(rng.integers(1, 20))
+        kw = dict(
+            target_mode=str(rng.choice(["multinomial", "exact", "scaled"])),
+            draw_mode=str(rng.choice(["multinomial", "exact"])),
+            oversample=float(rng.choice([1.0, 1.5, 3.0])),
+            max_inflation=float(rng.choice([1.0, 5.0])),
+            max_rounds=int(rng.integers(1, 5)),
+            schedule=str(rng.choice(["paper", "code"])),
+            filter=str(rng.choice(["strict", "lenient", "lenient_code", "none"])),
+            preserve_ratios=bool(rng.integers(2)),
+            fill=str(rng.choice(["accepted", "pad", "none"])),
+            round_multiple=int(rng.integers(1, 4)),
+        )
+        rps = RatioPreservingSampler(tasks, b, seed=trial, **kw)
+        gen = MockGenerator({t: float(rng.uniform(0, 1)) for t in tasks}, seed=trial)
+        for _ in range(4):
+            res = rps.run_step(rng.dirichlet(np.ones(k)), gen)
+            uids = [g.uid for g in res.batch]
+            assert len(set(uids)) == len(uids) <= b, kw
+            assert 1 <= res.rounds <= kw["max_rounds"]
+            assert all(sum(r.values()) == rps.round_size for r in res.requests)
+            assert rps.round_size % kw["round_multiple"] == 0
+            assert rps.round_size >= kw["oversample"] * b - 1e-9
+            assert all(0.0 <= v <= 1.0 for v in res.rho.values())
+            assert any(res.padded) <= (kw["fill"] == "pad")
+            for g, pad in zip(res.batch, res.padded, strict=True):
+                assert pad == is_filtered(g.rewards, kw["filter"])
+            if kw["target_mode"] != "scaled":
+                assert sum(res.targets.values()) == b
+                if kw["preserve_ratios"] and not res.hit_cap:
+                    assert res.realised_counts == res.targets, kw
+            if not res.hit_cap and kw["fill"] != "none":
+                assert len(res.batch) == b or sum(res.targets.values()) < b
+
+
+def test_two_hosts_share_one_global_rps_step():
+    """Multi-host use: every host runs the same RPS on the global groups; each TaskSampler
+    draws its host's equal share, and no prompt is drawn twice."""
+    hosts = [TaskSampler({t: [{"i": i} for i in range(30)] for t in TASKS}, None,
+                         global_batch=6, seed=0, process_index=h, process_count=2)
+             for h in range(2)]
+    local = {0: [], 1: []}
+
+    def generate(requests):
+        groups = []
+        for h, s in enumerate(hosts):  # in a real run each host does its part, then allgather
+            items = s.draw(requests)
+            local[h].append(len(items))
+            groups += [Group(it.task, it.uid, MIXED if it.index % 3 else (0.0,) * 4)
+                       for it in items]
+        return groups
+
+    rps = RatioPreservingSampler(TASKS, 10, round_multiple=2, seed=0)
+    assert rps.round_size == 30
+    uids = []
+    for _ in range(5):
+        res = rps.run_step([0.5, 0.25, 0.25], generate)
+        uids += [g.uid for g in res.batch]
+        if not res.hit_cap:
+            assert res.realised_counts == res.targets
+    assert local[0] == local[1] and set(local[0]) == {15}
+    assert len(set(uids)) == len(uids)
+
+
 # ---- round cap and fill policies -----------------------------------------------------------
 
 

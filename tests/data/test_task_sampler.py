@@ -270,6 +270,10 @@ def test_set_state_rejects_mismatches():
         make(ratios=None, sizes={"countdown": 7, "zebra": 13}).set_state(state)
     with pytest.raises(ValueError, match="get_state"):
         make().set_state({"step": 3})
+    bad = json.loads(json.dumps(state))
+    bad["tasks"]["arc"]["returned"] = [0]
+    with pytest.raises(ValueError, match="returned positions"):
+        make().set_state(bad)
 
 
 # ---- validation ----------------------------------------------------------------------------
