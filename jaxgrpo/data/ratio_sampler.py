@@ -30,8 +30,11 @@ Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. O
    random from the other accepted groups, ``fill="none"`` does not. Without preservation (DAPO),
    keep a random ``B`` of the accepted groups. If the round cap left fewer than ``B``, the batch
    is short (the code trains on it); ``fill="pad"`` instead pads it with random filtered
-   groups, flagged in ``StepResult.padded`` (zero advantage, so no policy gradient; keeps JAX
-   shapes static).
+   groups, flagged in ``StepResult.padded``, to keep JAX shapes static (under the lenient
+   filters they have zero advantage; under ``"strict"`` mask them with ``padded``).
+
+Defaults follow the spec's suggestions: paper Alg. 2 with ``M_os = 3``, AAS on with ``M_acc =
+5`` (§9.8), ``rho`` EMA 0.9, 10 rounds, the zero-variance (``"lenient"``) filter (§9.10).
 
 When the cap is not hit and the targets sum to ``B``, the realised per-task counts equal the
 targets exactly. Randomness is a pure function of ``(seed, step)``; the state is ``step`` and
