@@ -155,3 +155,19 @@ def test_bad_arguments_raise():
         TW.task_weight_step(xi, st, np.zeros(4, np.float32), tx)
     with pytest.raises(ValueError, match="num_tasks"):
         TW.init_task_weights(0, tx)
+
+
+def test_minibatch_schedule_equals_sequential_steps():
+    rng = np.random.default_rng(4)
+    tx = TW.make_task_weight_optimizer("adam_l2", weight_decay=1e-4)
+    xi0 = rng.normal(size=3).astype(np.float32)
+    acc = rng.uniform(size=3).astype(np.float32)
+    imps = np.clip(rng.normal(scale=0.2, size=(4, 3)), -0.1, 0.1).astype(np.float32)
+    run = jax.jit(functools.partial(TW.iwu_minibatch_steps, tx=tx, lam=0.3))
+    xi, st, z_hist = run(xi0, tx.init(xi0), acc, imps)
+    want = ref_run("adam_l2", xi0, [(acc, imps[m]) for m in range(4)], 0.3, 0.025, 1e-4)
+    np.testing.assert_allclose(xi, want[-1], atol=1e-6, rtol=0)
+    for m in range(4):
+        np.testing.assert_allclose(z_hist[m], weighting.task_weights(want[m]), atol=1e-6)
+    with pytest.raises(ValueError, match="improvements"):
+        TW.iwu_minibatch_steps(xi0, tx.init(xi0), acc, imps[0], tx, lam=0.3)

@@ -129,3 +129,45 @@ def iwu_step(
     """MT-GRPO Subroutine 1 through ``tx``: ``g = iwu_gradient(xi, J, I, lam)``, then a step."""
     grad = weighting.iwu_gradient(logits, accuracy, improvement, lam=lam)
     return task_weight_step(logits, opt_state, grad, tx)
+
+
+def iwu_minibatch_steps(
+    logits: jax.Array,
+    opt_state: optax.OptState,
+    accuracy: jax.Array,
+    improvements: jax.Array,
+    tx: optax.GradientTransformation,
+    *,
+    lam: float,
+) -> tuple[jax.Array, optax.OptState, jax.Array]:
+    """The released code's schedule: one IWU step per PPO minibatch, in order (``lax.scan``).
+
+    Minibatch ``m`` uses its own (clipped) improvement ``improvements[m]`` and the same
+    accuracy EMA ``J``. For the paper's schedule (one step per training step) call
+    :func:`iwu_step` once with the step's improvement instead.
+
+    Args:
+      logits: ``xi`` ``[K]``.
+      opt_state: ``tx``'s state.
+      accuracy: ``J`` ``[K]``.
+      improvements: ``[M, K]``, one row per minibatch (``weighting.task_improvement``).
+      tx: from :func:`make_task_weight_optimizer`.
+      lam: ``lambda``.
+
+    Returns:
+      ``(logits, opt_state, z_history [M, K])`` with the weights after each minibatch step.
+    """
+    imp = jnp.asarray(improvements)
+    xi = jnp.asarray(logits)
+    if imp.ndim != 2 or imp.shape[1:] != xi.shape:
+        raise ValueError(
+            f"improvements must have shape [M, K] with K = {xi.shape[-1]}; got {imp.shape}"
+        )
+
+    def body(carry, imp_m):
+        x, st = carry
+        x, st = iwu_step(x, st, accuracy, imp_m, tx, lam=lam)
+        return (x, st), weighting.task_weights(x)
+
+    (xi, opt_state), z_hist = jax.lax.scan(body, (xi, opt_state), imp.astype(xi.dtype))
+    return xi, opt_state, z_hist

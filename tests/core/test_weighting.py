@@ -322,3 +322,36 @@ def test_all_empty_batch_is_nan_free():
     imp = W.task_improvement(np.ones(4), np.zeros(4), ids, 2, clip=0.1, reduce="mean",
                              valid=valid)
     np.testing.assert_array_equal(imp, np.zeros(2))
+
+
+def test_per_row_functions_vmap_over_a_batch_of_rounds():
+    rng = np.random.default_rng(10)
+    b, n, k = 3, 12, 4
+    vals = rand(rng, b, n)
+    ids = rng.integers(0, k, size=(b, n)).astype(np.int32)
+    rewards = rng.choice([0.0, 0.1, 1.0], size=(b, 5, 6)).astype(np.float32)
+    pids = rng.integers(0, k, size=(b, 5)).astype(np.int32)
+    z = np.asarray(jax.nn.softmax(rand(rng, b, k)))
+    xi, acc = rand(rng, b, k), rng.uniform(size=(b, k)).astype(np.float32)
+    batched = {
+        "per_task_mean": jax.vmap(lambda v, i: W.per_task_mean(v, i, k)[0])(vals, ids),
+        "task_accuracy": jax.vmap(lambda r, i: W.task_accuracy(r, i, k)[0])(rewards, pids),
+        "weights": jax.vmap(lambda zz, i: W.sequence_weights_from_tasks(zz, i, mode="ratio"))(
+            z, ids),
+        "worst": jax.vmap(W.worst_task_gradient)(xi, acc),
+        "reg": jax.vmap(lambda x, a: W.regularised_reward_gradient(x, a, lam=0.2, eta=0.1))(
+            xi, acc),
+    }
+    for r in range(b):
+        np.testing.assert_allclose(batched["per_task_mean"][r],
+                                   W.per_task_mean(vals[r], ids[r], k)[0], atol=1e-6)
+        np.testing.assert_allclose(batched["task_accuracy"][r],
+                                   W.task_accuracy(rewards[r], pids[r], k)[0], atol=1e-6)
+        np.testing.assert_allclose(batched["weights"][r],
+                                   W.sequence_weights_from_tasks(z[r], ids[r], mode="ratio"),
+                                   atol=1e-6)
+        np.testing.assert_allclose(batched["worst"][r],
+                                   ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 1.0), atol=1e-6)
+        np.testing.assert_allclose(batched["reg"][r],
+                                   ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 0.2)
+                                   + 0.1 * xi[r], atol=1e-6)
