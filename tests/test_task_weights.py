@@ -171,3 +171,18 @@ def test_minibatch_schedule_equals_sequential_steps():
         np.testing.assert_allclose(z_hist[m], weighting.task_weights(want[m]), atol=1e-6)
     with pytest.raises(ValueError, match="improvements"):
         TW.iwu_minibatch_steps(xi0, tx.init(xi0), acc, imps[0], tx, lam=0.3)
+
+
+def test_first_adam_step_from_uniform_is_plus_minus_lr():
+    # Adam's first bias-corrected step is lr * g / (|g| + eps): about -lr * sign(g); at xi = 0
+    # the coupled decay adds nothing. g = [0.06, 0, -0.06] (hand example in test_weighting).
+    tx = TW.make_task_weight_optimizer("adam_l2", lr=0.025, weight_decay=1e-5)
+    xi, st = TW.init_task_weights(3, tx)
+    xi, st = TW.iwu_step(xi, st, np.array([0.9, 0.5, 0.1], np.float32),
+                         np.array([0.1, 0.0, -0.1], np.float32), tx, lam=0.2)
+    step = 0.025 * 0.06 / (0.06 + 1e-8)
+    # 1e-6, the module's standard: optax forms Adam's bias correction 1 - b2**t in float32
+    # (relative error ~6e-6 at t = 1), i.e. ~1.6e-7 on a 0.025 step.
+    np.testing.assert_allclose(xi, [-step, 0.0, step], atol=1e-6, rtol=0)
+    z = np.asarray(weighting.task_weights(xi))
+    assert z[2] > z[1] > z[0]

@@ -355,3 +355,12 @@ def test_per_row_functions_vmap_over_a_batch_of_rounds():
         np.testing.assert_allclose(batched["reg"][r],
                                    ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 0.2)
                                    + 0.1 * xi[r], atol=1e-6)
+
+
+def test_hand_computed_iwu_example():
+    # K = 3 at the code's start (xi = 0, z = 1/3): J = [0.9, 0.5, 0.1], I = [0.1, 0, -0.1],
+    # lam = 0.2 -> s = [0.28, 0.10, -0.08], <z, s> = 0.10, g = z (s - 0.10) = [0.06, 0, -0.06].
+    g = W.iwu_gradient(np.zeros(3, np.float32), np.array([0.9, 0.5, 0.1], np.float32),
+                       np.array([0.1, 0.0, -0.1], np.float32), lam=0.2)
+    np.testing.assert_allclose(g, [0.06, 0.0, -0.06], atol=1e-7)
+    assert float(g[1]) == 0.0
