@@ -36,6 +36,7 @@ import numpy as np
 from jaxgrpo.core.masked import safe_div
 
 REDUCTIONS = ("sum", "mean")
+WEIGHT_UPDATES = ("iwu", "worst_task", "regularised_reward")
 SEQUENCE_WEIGHT_MODES = ("none", "ratio")
 
 
@@ -193,6 +194,35 @@ def regularised_reward_gradient(
     j = _as_float(accuracy)
     _check_same_trailing("task_logits", xi, "accuracy", j)
     return softmax_objective_gradient(xi, lam * j) + eta * xi
+
+
+def task_logit_gradient(
+    update: str,
+    task_logits: jax.Array,
+    accuracy: jax.Array,
+    improvement: jax.Array | None = None,
+    *,
+    lam=1.0,
+    eta=0.0,
+) -> jax.Array:
+    """Dispatch on a config string (``WEIGHT_UPDATES``) to one of the three logit gradients.
+
+    ``"iwu"`` -> :func:`iwu_gradient` (needs ``improvement``; ``eta`` must be 0),
+    ``"worst_task"`` -> :func:`worst_task_gradient` of ``lam * J`` (``lam`` only rescales the
+    step), ``"regularised_reward"`` -> :func:`regularised_reward_gradient`.
+    """
+    if update not in WEIGHT_UPDATES:
+        raise ValueError(f"update must be one of {WEIGHT_UPDATES}; got {update!r}")
+    if update != "regularised_reward" and not isinstance(eta, jax.Array) and float(eta) != 0.0:
+        raise ValueError(f"eta is only used by update='regularised_reward'; got eta={eta}")
+    if update == "iwu":
+        if improvement is None:
+            raise ValueError("improvement is required for update='iwu'")
+        return iwu_gradient(task_logits, accuracy, improvement, lam=lam)
+    if update == "worst_task":
+        _check_float("lam", lam, low=0.0)
+        return worst_task_gradient(task_logits, lam * _as_float(accuracy))
+    return regularised_reward_gradient(task_logits, accuracy, lam=lam, eta=eta)
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,8 +143,8 @@ def iwu_minibatch_steps(
     """The released code's schedule: one IWU step per PPO minibatch, in order (``lax.scan``).
 
     Minibatch ``m`` uses its own (clipped) improvement ``improvements[m]`` and the same
-    accuracy EMA ``J``. For the paper's schedule (one step per training step) call
-    :func:`iwu_step` once with the step's improvement instead.
+    accuracy EMA ``J``. For the paper's schedule (one step per training step) sum the
+    minibatches' *unclipped* improvements, clip the sum, and call :func:`iwu_step` once.
 
     Args:
       logits: ``xi`` ``[K]``.

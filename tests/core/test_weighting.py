@@ -364,3 +364,21 @@ def test_hand_computed_iwu_example():
                        np.array([0.1, 0.0, -0.1], np.float32), lam=0.2)
     np.testing.assert_allclose(g, [0.06, 0.0, -0.06], atol=1e-7)
     assert float(g[1]) == 0.0
+
+
+def test_task_logit_gradient_dispatches_by_name():
+    rng = np.random.default_rng(12)
+    xi, acc, imp = rand(rng, 3), rng.uniform(size=3).astype(np.float32), rand(rng, 3)
+    np.testing.assert_allclose(W.task_logit_gradient("iwu", xi, acc, imp, lam=0.3),
+                               ref_iwu_gradient(xi, acc, imp, 0.3), atol=1e-6)
+    np.testing.assert_allclose(W.task_logit_gradient("worst_task", xi, acc, lam=2.0),
+                               ref_iwu_gradient(xi, acc, np.zeros(3), 2.0), atol=1e-6)
+    np.testing.assert_allclose(
+        W.task_logit_gradient("regularised_reward", xi, acc, lam=0.2, eta=0.01),
+        ref_iwu_gradient(xi, acc, np.zeros(3), 0.2) + 0.01 * xi, atol=1e-6)
+    with pytest.raises(ValueError, match="update"):
+        W.task_logit_gradient("famo", xi, acc, imp)
+    with pytest.raises(ValueError, match="improvement"):
+        W.task_logit_gradient("iwu", xi, acc, lam=0.3)
+    with pytest.raises(ValueError, match="eta"):
+        W.task_logit_gradient("iwu", xi, acc, imp, lam=0.3, eta=0.1)
