@@ -333,28 +333,27 @@ def test_per_row_functions_vmap_over_a_batch_of_rounds():
     pids = rng.integers(0, k, size=(b, 5)).astype(np.int32)
     z = np.asarray(jax.nn.softmax(rand(rng, b, k)))
     xi, acc = rand(rng, b, k), rng.uniform(size=(b, k)).astype(np.float32)
-    batched = {
-        "per_task_mean": jax.vmap(lambda v, i: W.per_task_mean(v, i, k)[0])(vals, ids),
-        "task_accuracy": jax.vmap(lambda r, i: W.task_accuracy(r, i, k)[0])(rewards, pids),
-        "weights": jax.vmap(lambda zz, i: W.sequence_weights_from_tasks(zz, i, mode="ratio"))(
-            z, ids),
-        "worst": jax.vmap(W.worst_task_gradient)(xi, acc),
-        "reg": jax.vmap(lambda x, a: W.regularised_reward_gradient(x, a, lam=0.2, eta=0.1))(
-            xi, acc),
-    }
+
+    def one_row(v, i, r, pi, zz, x, a):
+        return (W.per_task_mean(v, i, k)[0], W.task_accuracy(r, pi, k)[0],
+                W.sequence_weights_from_tasks(zz, i, mode="ratio"),
+                W.worst_task_gradient(x, a),
+                W.regularised_reward_gradient(x, a, lam=0.2, eta=0.1))
+
+    args = (vals, ids, rewards, pids, z, xi, acc)
+    batched = jax.jit(jax.vmap(one_row))(*args)
+    single = jax.jit(one_row)
     for r in range(b):
-        np.testing.assert_allclose(batched["per_task_mean"][r],
-                                   W.per_task_mean(vals[r], ids[r], k)[0], atol=1e-6)
-        np.testing.assert_allclose(batched["task_accuracy"][r],
-                                   W.task_accuracy(rewards[r], pids[r], k)[0], atol=1e-6)
-        np.testing.assert_allclose(batched["weights"][r],
-                                   W.sequence_weights_from_tasks(z[r], ids[r], mode="ratio"),
+        row = single(*(x[r] for x in args))
+        for got, want in zip(batched, row, strict=True):
+            np.testing.assert_allclose(got[r], want, atol=1e-6)
+        np.testing.assert_allclose(row[3], ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 1.0),
                                    atol=1e-6)
-        np.testing.assert_allclose(batched["worst"][r],
-                                   ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 1.0), atol=1e-6)
-        np.testing.assert_allclose(batched["reg"][r],
-                                   ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 0.2)
+        np.testing.assert_allclose(row[4], ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 0.2)
                                    + 0.1 * xi[r], atol=1e-6)
+        want_mean = [np.mean(vals[r][ids[r] == t]) if np.any(ids[r] == t) else 0.0
+                     for t in range(k)]
+        np.testing.assert_allclose(row[0], want_mean, atol=1e-6)
 
 
 def test_hand_computed_iwu_example():
