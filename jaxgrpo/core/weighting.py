@@ -341,7 +341,8 @@ def task_improvement(
     ``min(r A, clip(r, 1-e_lo, 1+e_hi) A)`` (higher is better; the code's loss is ``-S_i``
     and it flips the sign with ``max_rate=False``), evaluated on the same minibatch before and
     after the optimiser step, and ``R`` is a sum (code, ``average_delta=False``) or a mean.
-    Tasks with no (valid) sequence get exactly 0 (not masked, as in the code).
+    Tasks with no (valid) sequence get exactly 0 (not masked, as in the code). Holding
+    per-sequence *losses* ``l = -S`` instead, pass ``-loss_before, -loss_after``.
 
     Args:
       surrogate_before: ``[N]`` per-sequence surrogate at the pre-update parameters.
