@@ -1,0 +1,443 @@
+"""Multi-task weighting for MT-GRPO (Ramesh et al., arXiv 2602.05547): pure, jit- and vmap-able.
+
+The task weights are ``z = softmax(xi)`` over ``K`` task logits ``xi``. The Improvement-aware
+Weight Update (IWU, paper Subroutine 1) moves ``xi`` against the gradient of
+
+    L(xi) = sum_k z_k(xi) * s_k,        s_k = I_k + lam * J_k,
+
+    dL/dxi_k = g_k = z_k * (s_k - sum_j z_j * s_j)        (softmax Jacobian, paper Eqs. 7/29)
+
+Sign convention (one convention for the whole package): every ``*_gradient`` function here
+returns ``dL/dxi``, the gradient of a quantity to be *minimised*. Hand it unchanged to an optax
+optimiser (``jaxgrpo.train.task_weights``), which descends: ``xi <- xi - lr * g`` for SGD, as in
+the paper (``xi_{t+1} = xi_t - beta * g_t``) and in the released code (torch ``Adam.step`` on
+the autograd gradient of ``<softmax(w), s>``). Descent lowers the weight of tasks whose signal
+``s_k`` is above the weighted average, so a task gains weight when it is both under-performing
+(low ``J_k``) and under-improving (low ``I_k``).
+
+Signals, as the released code computes them (spec mt-grpo.md §2.2, §9):
+
+* ``J_k`` (:func:`task_accuracy` then :func:`ema_update`, decay 0.5, started at 0): per-task
+  rate of *correct* training rollouts (reward >= 1 - 1e-6; format-only credit does not count),
+  per prompt then averaged over the task's prompts, before zero-gradient filtering.
+* ``I_k`` (:func:`task_improvement`): per-task change of the clipped surrogate objective on one
+  minibatch across that minibatch's optimiser step, summed over the task's sequences (code) or
+  averaged, then clipped to ``[-c, c]`` (c = 0.1 or 0.2). Tasks without samples get 0.
+
+Shapes: ``K`` tasks, ``N`` sequences. Functions taking ``[K]`` arrays also accept ``[..., K]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrpo.core.masked import safe_div
+
+REDUCTIONS = ("sum", "mean")
+WEIGHT_UPDATES = ("iwu", "worst_task", "regularised_reward")
+SEQUENCE_WEIGHT_MODES = ("none", "ratio")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers (trace time)
+
+
+def _check_same_trailing(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> None:
+    if a.ndim < 1:
+        raise ValueError(f"{name_a} must have a trailing task axis [..., K]; got a scalar")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b} must have the same shape as {name_a} {a.shape}; got {b.shape}"
+        )
+
+
+def _check_float(name: str, value, *, low=None, high=None, high_open=False) -> None:
+    """Validate a Python/NumPy scalar hyper-parameter; traced values pass through unchecked."""
+    if isinstance(value, jax.Array):  # traced or device value: checked by the caller, if at all
+        return
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {v}")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be >= {low}; got {v}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}; got {v}")
+
+
+def _check_num_tasks(num_tasks) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
+        raise TypeError(f"num_tasks must be a Python int (static); got {type(num_tasks).__name__}")
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1; got {num_tasks}")
+    return int(num_tasks)
+
+
+def _check_task_ids(task_ids: jax.Array, n: int, what: str) -> None:
+    if task_ids.shape != (n,):
+        raise ValueError(f"task_ids must have shape [{what}] = ({n},); got {task_ids.shape}")
+    if not jnp.issubdtype(task_ids.dtype, jnp.integer):
+        raise TypeError(f"task_ids must be an integer array; got dtype {task_ids.dtype}")
+
+
+def _as_float(x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# the weight update
+
+
+def task_weights(task_logits: jax.Array) -> jax.Array:
+    """``z = softmax(xi)`` over the last axis: the task sampling distribution. ``[..., K]``."""
+    return jax.nn.softmax(_as_float(task_logits), axis=-1)
+
+
+def softmax_objective_gradient(task_logits: jax.Array, signal: jax.Array) -> jax.Array:
+    """Gradient in ``xi`` of ``L = sum_k softmax(xi)_k * s_k``: ``g_k = z_k (s_k - <z, s>)``.
+
+    The common core of every update here. ``sum_k g_k = 0`` and ``g = 0`` when ``s`` is constant.
+
+    Args:
+      task_logits: ``xi`` ``[..., K]``.
+      signal: ``s`` ``[..., K]``, treated as a constant (no gradient flows into it).
+
+    Returns:
+      ``g`` ``[..., K]`` (float).
+    """
+    xi = _as_float(task_logits)
+    s = jax.lax.stop_gradient(_as_float(signal)).astype(xi.dtype)
+    _check_same_trailing("task_logits", xi, "signal", s)
+    z = jax.nn.softmax(xi, axis=-1)
+    # s_k - <z, s> written as sum_j z_j (s_k - s_j) (equal since sum_j z_j = 1): exactly 0 when
+    # s is constant, where the direct form leaves ~1e-9 of rounding that Adam would amplify to a
+    # full-size step. O(K^2), negligible for task counts.
+    diff = s[..., :, None] - s[..., None, :]
+    centred = jnp.sum(diff * z[..., None, :], axis=-1)
+    return z * centred
+
+
+def iwu_signal(accuracy: jax.Array, improvement: jax.Array, *, lam) -> jax.Array:
+    """The IWU signal ``s_k = I_k + lam * J_k`` (paper Eq. 40; code ``lambda_bias_type='add'``)."""
+    j = _as_float(accuracy)
+    i = _as_float(improvement).astype(j.dtype)
+    _check_same_trailing("accuracy", j, "improvement", i)
+    _check_float("lam", lam)
+    return i + lam * j
+
+
+def iwu_gradient(
+    task_logits: jax.Array, accuracy: jax.Array, improvement: jax.Array, *, lam
+) -> jax.Array:
+    """IWU gradient (MT-GRPO Subroutine 1): ``g_k = z_k (s_k - sum_j z_j s_j)``.
+
+    ``z = softmax(xi)``, ``s_k = I_k + lam * J_k``. ``g = dL/dxi`` for ``L = <z, s>``; descend
+    on it (``xi <- xi - beta * g``, or pass it as the gradient to an optax optimiser). Larger
+    ``lam`` approaches the strict worst-task update; smaller favours slow-improving tasks.
+
+    Args:
+      task_logits: ``xi`` ``[..., K]``; the code starts at 0 (uniform ``z``).
+      accuracy: ``J`` ``[..., K]``, per-task rollout accuracy (EMA, see :func:`ema_update`).
+      improvement: ``I`` ``[..., K]``, per-task surrogate improvement (:func:`task_improvement`).
+      lam: ``lambda`` >= 0 (paper: 0.2/0.25 for 3 tasks, 0.1-1.2 for 9 tasks).
+
+    Returns:
+      ``g`` ``[..., K]``, summing to 0 along the task axis.
+    """
+    xi = _as_float(task_logits)
+    _check_same_trailing("task_logits", xi, "accuracy", jnp.asarray(accuracy))
+    _check_float("lam", lam, low=0.0)
+    return softmax_objective_gradient(xi, iwu_signal(accuracy, improvement, lam=lam))
+
+
+def worst_task_gradient(task_logits: jax.Array, task_reward: jax.Array) -> jax.Array:
+    """Strict worst-task update (epsilon = 0, paper §3.1 Eq. 7): ``g_k = z_k (J_k - <z, J>)``.
+
+    Descending on it moves weight to the currently worst task; with a constant step the weights
+    collapse to nearly one-hot and oscillate as the worst task changes (paper Fig. 2). Provided
+    for comparison; MT-GRPO uses :func:`iwu_gradient`.
+
+    Args:
+      task_logits: ``xi`` ``[..., K]``.
+      task_reward: ``J`` ``[..., K]``, per-task reward or accuracy.
+    """
+    return softmax_objective_gradient(task_logits, task_reward)
+
+
+def regularised_reward_gradient(
+    task_logits: jax.Array, accuracy: jax.Array, *, lam=1.0, eta=0.0
+) -> jax.Array:
+    """Regularised reward-only update (paper App. F, Subroutine 2, Eq. 43).
+
+    ``g_k = z_k (lam J_k - <z, lam J>) + eta * xi_k``, so that ``xi <- xi - beta * g`` is
+    ``xi - beta (g_reward + eta xi)``. The released code (``lambda_bias_type='bias_only'``,
+    ``lam = 0.2``) puts ``eta`` into the optimiser instead, as torch Adam's coupled L2
+    ``weight_decay``: for that route pass ``eta=0`` here and ``weight_decay=eta`` to
+    ``make_task_weight_optimizer(kind="adam_l2")``; do not use both.
+
+    Args:
+      task_logits: ``xi`` ``[..., K]``.
+      accuracy: ``J`` ``[..., K]``.
+      lam: scale of the reward signal (code: 0.2).
+      eta: l2 shrinkage of the logits toward 0 (uniform ``z``), >= 0.
+    """
+    xi = _as_float(task_logits)
+    _check_float("lam", lam, low=0.0)
+    _check_float("eta", eta, low=0.0)
+    j = _as_float(accuracy)
+    _check_same_trailing("task_logits", xi, "accuracy", j)
+    return softmax_objective_gradient(xi, lam * j) + eta * xi
+
+
+def task_logit_gradient(
+    update: str,
+    task_logits: jax.Array,
+    accuracy: jax.Array,
+    improvement: jax.Array | None = None,
+    *,
+    lam=1.0,
+    eta=0.0,
+) -> jax.Array:
+    """Dispatch on a config string (``WEIGHT_UPDATES``) to one of the three logit gradients.
+
+    ``"iwu"`` -> :func:`iwu_gradient` (needs ``improvement``; ``eta`` must be 0),
+    ``"worst_task"`` -> :func:`worst_task_gradient` of ``lam * J`` (``lam`` only rescales the
+    step), ``"regularised_reward"`` -> :func:`regularised_reward_gradient`.
+    """
+    if update not in WEIGHT_UPDATES:
+        raise ValueError(f"update must be one of {WEIGHT_UPDATES}; got {update!r}")
+    if update != "regularised_reward" and not isinstance(eta, jax.Array) and float(eta) != 0.0:
+        raise ValueError(f"eta is only used by update='regularised_reward'; got eta={eta}")
+    if update == "iwu":
+        if improvement is None:
+            raise ValueError("improvement is required for update='iwu'")
+        return iwu_gradient(task_logits, accuracy, improvement, lam=lam)
+    if update == "worst_task":
+        _check_float("lam", lam, low=0.0)
+        return worst_task_gradient(task_logits, lam * _as_float(accuracy))
+    return regularised_reward_gradient(task_logits, accuracy, lam=lam, eta=eta)
+
+
+# --------------------------------------------------------------------------------------------
+# the signals
+
+
+def per_task_mean(
+    values: jax.Array, task_ids: jax.Array, num_tasks: int, valid: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean of ``values`` over the (valid) entries of each task, with the counts.
+
+    Args:
+      values: ``[N]``.
+      task_ids: ``[N]`` int in ``[0, num_tasks)``; ids outside the range are dropped.
+      num_tasks: ``K`` (static Python int).
+      valid: optional ``[N]`` bool/0-1 mask; invalid entries are ignored.
+
+    Returns:
+      ``(mean [K], count [K])``; ``mean`` is exactly 0 for a task with no valid entry.
+    """
+    k = _check_num_tasks(num_tasks)
+    x = _as_float(values)
+    if x.ndim != 1:
+        raise ValueError(f"values must have shape [N]; got {x.shape}")
+    ids = jnp.asarray(task_ids)
+    _check_task_ids(ids, x.shape[0], "N")
+    m = jnp.ones(x.shape, x.dtype) if valid is None else _valid_mask(valid, x)
+    total = jax.ops.segment_sum(jnp.where(m > 0, x, 0) * m, ids, num_segments=k)
+    count = jax.ops.segment_sum(m, ids, num_segments=k)
+    return safe_div(total, count), count
+
+
+def _valid_mask(valid, like: jax.Array) -> jax.Array:
+    v = jnp.asarray(valid)
+    if v.shape != like.shape:
+        raise ValueError(f"valid must have shape {like.shape}; got {v.shape}")
+    return v.astype(like.dtype)
+
+
+def task_accuracy(
+    rewards: jax.Array,
+    task_ids: jax.Array,
+    num_tasks: int,
+    *,
+    valid: jax.Array | None = None,
+    threshold: float = 1.0 - 1e-6,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-task correctness rate of a round of rollouts (code ``bias_metric='batch_acc'``).
+
+    A rollout is correct when ``reward >= threshold`` (format-only credit such as 0.1 is not).
+    Per prompt, the fraction of its valid rollouts that are correct; per task, the mean of that
+    over the task's prompts with at least one valid rollout. Call it on the generated round
+    *before* zero-gradient filtering, then smooth with :func:`ema_update`.
+
+    Args:
+      rewards: ``[P, G]``.
+      task_ids: ``[P]`` int task of each prompt.
+      num_tasks: ``K`` (static).
+      valid: optional ``[P, G]`` mask of rollouts that exist.
+      threshold: correctness threshold on the reward.
+
+    Returns:
+      ``(accuracy [K], present [K] bool)``; ``present`` marks tasks with a prompt this round.
+    """
+    r = _as_float(rewards)
+    if r.ndim != 2:
+        raise ValueError(f"rewards must have shape [P, G]; got {r.shape}")
+    _check_float("threshold", threshold)
+    m = jnp.ones(r.shape, r.dtype) if valid is None else _valid_mask(valid, r)
+    correct = (r >= threshold).astype(r.dtype)
+    n_valid = jnp.sum(m, axis=-1)
+    frac = safe_div(jnp.sum(correct * m, axis=-1), n_valid)
+    acc, count = per_task_mean(frac, task_ids, num_tasks, valid=n_valid > 0)
+    return acc, count > 0
+
+
+def ema_update(prev: jax.Array, value: jax.Array, present_mask: jax.Array, *, decay) -> jax.Array:
+    """Exponential moving average per task: ``decay * prev + (1 - decay) * value`` where present.
+
+    Tasks absent this round (``present_mask`` false) keep ``prev`` unchanged. Initialisation:
+    the released code starts the accuracy EMA at 0 (``decay = 0.5``), so the first update of a
+    task gives half its accuracy; to start from the first observation instead, initialise
+    ``prev`` with that observation (or call with ``decay=0`` once).
+
+    Args:
+      prev: ``[..., K]`` previous EMA.
+      value: ``[..., K]`` this round's value (ignored where absent, even if NaN).
+      present_mask: ``[..., K]`` bool.
+      decay: in ``[0, 1]``; the weight kept on ``prev``.
+    """
+    p = _as_float(prev)
+    v = _as_float(value).astype(p.dtype)
+    _check_same_trailing("prev", p, "value", v)
+    present = jnp.asarray(present_mask)
+    if present.shape != p.shape:
+        raise ValueError(f"present_mask must have shape {p.shape}; got {present.shape}")
+    _check_float("decay", decay, low=0.0, high=1.0)
+    updated = decay * p + (1.0 - decay) * jnp.where(present, v, 0)
+    return jnp.where(present.astype(bool), updated, p)
+
+
+def task_improvement(
+    surrogate_before: jax.Array,
+    surrogate_after: jax.Array,
+    task_ids: jax.Array,
+    num_tasks: int,
+    *,
+    clip: float | None,
+    reduce: str = "sum",
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """Per-task improvement ``I_k`` of the clipped surrogate across one minibatch update.
+
+    ``I_k = clip( R_{i in task k} (S_i(theta_after) - S_i(theta_before)), -c, c )`` where
+    ``S_i`` is sequence ``i``'s token-mean clipped surrogate *objective*
+    ``min(r A, clip(r, 1-e_lo, 1+e_hi) A)`` (higher is better; the code's loss is ``-S_i``
+    and it flips the sign with ``max_rate=False``), evaluated on the same minibatch before and
+    after the optimiser step, and ``R`` is a sum (code, ``average_delta=False``) or a mean.
+    Tasks with no (valid) sequence get exactly 0 (not masked, as in the code). Holding
+    per-sequence *losses* ``l = -S`` instead, pass ``-loss_before, -loss_after``.
+
+    Args:
+      surrogate_before: ``[N]`` per-sequence surrogate at the pre-update parameters.
+      surrogate_after: ``[N]`` the same at the post-update parameters (one extra forward).
+      task_ids: ``[N]`` int; ids outside ``[0, num_tasks)`` are dropped.
+      num_tasks: ``K`` (static).
+      clip: ``c > 0`` (code: 0.1, or 0.2 for some runs), or ``None`` for no clipping.
+      reduce: ``"sum"`` (code) or ``"mean"`` over the task's sequences.
+      valid: optional ``[N]`` mask; padding rows contribute nothing.
+
+    Returns:
+      ``I`` ``[K]``.
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}; got {reduce!r}")
+    if clip is not None:
+        _check_float("clip", clip, low=0.0)
+        if not isinstance(clip, jax.Array) and float(clip) == 0.0:
+            raise ValueError("clip must be > 0 (or None for no clipping); got 0")
+    before = _as_float(surrogate_before)
+    after = _as_float(surrogate_after).astype(before.dtype)
+    if before.ndim != 1:
+        raise ValueError(f"surrogate_before must have shape [N]; got {before.shape}")
+    if after.shape != before.shape:
+        raise ValueError(
+            f"surrogate_after must have the shape of surrogate_before {before.shape}; "
+            f"got {after.shape}"
+        )
+    # The change carries no gradient: it is a signal for the task logits only.
+    delta = jax.lax.stop_gradient(after - before)
+    if reduce == "sum":
+        k = _check_num_tasks(num_tasks)
+        ids = jnp.asarray(task_ids)
+        _check_task_ids(ids, delta.shape[0], "N")
+        m = jnp.ones(delta.shape, delta.dtype) if valid is None else _valid_mask(valid, delta)
+        out = jax.ops.segment_sum(jnp.where(m > 0, delta, 0) * m, ids, num_segments=k)
+    else:
+        out, _ = per_task_mean(delta, task_ids, num_tasks, valid=valid)
+    if clip is not None:
+        out = jnp.clip(out, -clip, clip)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# how the weights enter the loss
+
+
+def sequence_weights_from_tasks(
+    z: jax.Array,
+    task_ids: jax.Array,
+    *,
+    mode: str = "none",
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """Per-sequence loss weights from the task weights ``z`` (spec mt-grpo.md §4).
+
+    In MT-GRPO the weights act **only through sampling** (the ratio-preserving sampler builds a
+    batch whose task shares follow ``z``) and the loss is the plain, unweighted token-mean:
+    ``mode="none"`` returns all-ones (zeros on invalid rows), the authors' method.
+
+    ``mode="ratio"`` is a labelled variant, *not* what the authors ran: the literal Eq. 6
+    (``sum_k z_k grad J_k``) realised as ``w_i = z_k / share_k`` for sequence ``i`` of task
+    ``k``, where ``share_k = n_k / n`` is the task's share of the valid sequences in this batch.
+    The ``z`` mass of tasks absent from the batch is spread over the present ones
+    (``z`` renormalised over present tasks), so the weights average exactly 1 over valid rows
+    and each present task's share of ``sum_i w_i`` equals its renormalised ``z_k``.
+
+    Args:
+      z: ``[K]`` task weights (a distribution).
+      task_ids: ``[N]`` int in ``[0, K)``.
+      mode: ``"none"`` or ``"ratio"``.
+      valid: optional ``[N]`` mask.
+
+    Returns:
+      ``w`` ``[N]`` float, 0 on invalid rows.
+    """
+    if mode not in SEQUENCE_WEIGHT_MODES:
+        raise ValueError(f"mode must be one of {SEQUENCE_WEIGHT_MODES}; got {mode!r}")
+    zz = _as_float(z)
+    if zz.ndim != 1:
+        raise ValueError(f"z must have shape [K]; got {zz.shape}")
+    ids = jnp.asarray(task_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"task_ids must have shape [N]; got {ids.shape}")
+    _check_task_ids(ids, ids.shape[0], "N")
+    ones = jnp.ones(ids.shape, zz.dtype)
+    m = ones if valid is None else _valid_mask(valid, ones)
+    if mode == "none":
+        return m
+    k = zz.shape[0]
+    count = jax.ops.segment_sum(m, ids, num_segments=k)
+    n = jnp.sum(m)
+    z_present = jnp.where(count > 0, zz, 0)
+    z_norm = safe_div(z_present, jnp.sum(z_present))
+    per_task = safe_div(z_norm * n, count)  # z_k / share_k
+    in_range = (ids >= 0) & (ids < k)
+    w = jnp.take(per_task, jnp.clip(ids, 0, k - 1))
+    return jnp.where(in_range, w, 0) * m
