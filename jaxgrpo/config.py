@@ -37,7 +37,7 @@ __all__ = [
     "LoggingConfig", "LossConfig", "MeshConfig", "ModelConfigSpec", "MTGRPOConfig",
     "OptimConfig", "OverlongConfig", "RolloutConfig", "SFTConfig", "TaskSpec", "TasksConfig",
     "TrainConfig", "config_from_dict", "config_to_dict", "flatten_config", "format_error",
-    "load_config", "save_config", "validate",
+    "load_config", "save_config", "split_cli_args", "validate",
 ]
 
 
@@ -789,6 +789,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
                 if model.get(mine) is not None:
                     model[other] = None
     return validate(config_from_dict(data), num_devices=num_devices, check_paths=check_paths)
+
+
+def split_cli_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """``["configs/x.yaml", "optim.lr=1e-6"]`` -> ``("configs/x.yaml", ["optim.lr=1e-6"])``.
+
+    The first argument is the config file unless it looks like an override (``key=value``);
+    so ``jaxgrpo train optim.lr=1e-6`` overrides the built-in demo. Later arguments must all be
+    overrides.
+    """
+    args = list(args)
+    path = None
+    if args and "=" not in args[0]:
+        path = args.pop(0)
+    for a in args:
+        if "=" not in a:
+            raise ConfigError(f"expected overrides like optim.lr=1e-6 after the config file, "
+                              f"got '{a}'")
+    return path, args
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = [
     "JsonlWriter", "MetricWriter", "MultiWriter", "NonFiniteError", "NonFiniteGuard",
-    "NullWriter", "ProgressBar", "TensorBoardWriter", "lm_train_flops_per_token", "mfu",
+    "NullWriter", "ProgressBar", "TensorBoardWriter", "ThroughputMeter", "lm_train_flops_per_token", "mfu",
     "per_task_metrics", "process_zero_only", "read_jsonl", "to_scalars",
 ]
 
@@ -410,3 +410,38 @@ def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float,
         raise ValueError("step_time_s and peak_flops_per_s must be > 0 and num_devices >= 1, "
                          f"got {step_time_s}, {peak_flops_per_s}, {num_devices}")
     return float(flops_per_step) / (step_time_s * peak_flops_per_s * num_devices)
+
+
+class ThroughputMeter:
+    """Step time, tokens/s and MFU from the wall time between consecutive :meth:`step` calls.
+
+    Args:
+      flops_per_token: model FLOPs per processed token (e.g. :func:`lm_train_flops_per_token`);
+        None leaves out ``perf/mfu``.
+      peak_flops_per_s: per-device peak used for MFU (measure it in the same run).
+      num_devices: devices the step runs on.
+      clock: seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(self, *, flops_per_token: float | None = None,
+                 peak_flops_per_s: float | None = None, num_devices: int = 1,
+                 clock=time.monotonic):
+        if (flops_per_token is None) != (peak_flops_per_s is None):
+            raise ValueError("give both flops_per_token and peak_flops_per_s, or neither")
+        self.flops_per_token, self.peak = flops_per_token, peak_flops_per_s
+        self.num_devices, self.clock = num_devices, clock
+        self._last = clock()
+
+    def reset(self) -> None:
+        """Restart the interval (e.g. after an eval or a checkpoint pause)."""
+        self._last = self.clock()
+
+    def step(self, tokens: int) -> dict[str, float]:
+        """Metrics of the interval since the last call, which processed ``tokens`` tokens."""
+        now = self.clock()
+        dt, self._last = now - self._last, now
+        out = {"perf/step_time_s": dt,
+               "perf/tokens_per_s": tokens / dt if dt > 0 else math.nan}
+        if self.flops_per_token is not None and dt > 0:
+            out["perf/mfu"] = mfu(self.flops_per_token * tokens, dt, self.peak, self.num_devices)
+        return out

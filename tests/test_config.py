@@ -238,3 +238,11 @@ def test_mt_grpo_and_dapo_settings_are_expressible():
     assert "at least 2 tasks for mt_grpo" in _error(
         "algo.name=mt_grpo", "tasks.mixture=[{name: a}]")
     assert "'algo.mt_grpo.acc_ema' must be in [0, 1)" in _error("algo.mt_grpo.acc_ema=1")
+
+
+def test_split_cli_args():
+    assert C.split_cli_args([]) == (None, [])
+    assert C.split_cli_args(["optim.lr=1e-6"]) == (None, ["optim.lr=1e-6"])
+    assert C.split_cli_args(["c.yaml", "a.b=1", "c=2"]) == ("c.yaml", ["a.b=1", "c=2"])
+    with pytest.raises(ConfigError, match="got 'd.yaml'"):
+        C.split_cli_args(["c.yaml", "d.yaml"])

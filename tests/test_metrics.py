@@ -231,3 +231,20 @@ def test_flops_and_mfu():
         M.mfu(1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="num_params"):
         M.lm_train_flops_per_token(-1)
+
+
+def test_throughput_meter():
+    clock = _Clock()
+    meter = M.ThroughputMeter(flops_per_token=6e6, peak_flops_per_s=1e9, num_devices=2,
+                              clock=clock)
+    clock.t = 2.0
+    got = meter.step(300)
+    assert got == {"perf/step_time_s": 2.0, "perf/tokens_per_s": 150.0,
+                   "perf/mfu": 6e6 * 300 / (2.0 * 1e9 * 2)}
+    clock.t = 5.0
+    meter.reset()
+    clock.t = 6.0
+    assert meter.step(10)["perf/step_time_s"] == 1.0
+    assert "perf/mfu" not in M.ThroughputMeter(clock=clock).step(1)
+    with pytest.raises(ValueError, match="both"):
+        M.ThroughputMeter(flops_per_token=1.0)
