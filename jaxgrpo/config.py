@@ -264,7 +264,9 @@ class TaskSpec:
 class TasksConfig:
     """The task mixture and the prompts per step P (the global batch, in prompts)."""
 
-    mixture: str | tuple[TaskSpec, ...] = "demo"  # a named mixture or a list of tasks
+    # A named mixture ("demo"), a list of tasks ({name, level, ratio, options} or "name@level"),
+    # or a mapping {"name@level": ratio}.
+    mixture: str | tuple[TaskSpec, ...] = "demo"
     prompts_per_step: int = 16  # P
     seed: int = 0
     eval_prompts: int = 64  # per task
@@ -620,7 +622,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = [a for a in args if a is not type(None)]
         # Pick the option matching the value's shape, so a bad list item is named exactly.
         for a in options:
-            if (isinstance(value, list | tuple) and typing.get_origin(a) is tuple) or (
+            if (isinstance(value, list | tuple | dict) and typing.get_origin(a) is tuple) or (
                     isinstance(value, dict) and dataclasses.is_dataclass(a)):
                 return _coerce(value, a, key)
         errors = []
@@ -633,6 +635,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f"'{key}' must be " + " or ".join(_type_name(a) for a in options)
             + f", got {value!r}")
     if origin is tuple:
+        if typing.get_args(tp)[0] is TaskSpec and isinstance(value, dict):
+            # {"reverse@1": 0.5, ...}: the task registry's mixture form
+            value = [{**_parse_spec(k, f"{key}.{k}"), "ratio": v} for k, v in value.items()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
         (item_tp, _) = typing.get_args(tp)
@@ -641,6 +646,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
         return dict(value)
+    if tp is TaskSpec and isinstance(value, str):
+        value = _parse_spec(value, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -668,6 +675,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is Any:
         return value
     raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _parse_spec(spec: Any, key: str) -> dict[str, Any]:
+    """``"name@level"`` or ``"name"`` -> ``{"name": ..., "level": ...}``."""
+    name, at, level = str(spec).partition("@")
+    if not name or (at and not level.isdigit()):
+        raise ConfigError(f"'{key}' must be a task spec like 'addition@2' or 'addition', "
+                          f"got {spec!r}")
+    return {"name": name, "level": int(level)} if at else {"name": name}
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

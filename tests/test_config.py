@@ -246,3 +246,14 @@ def test_split_cli_args():
     assert C.split_cli_args(["c.yaml", "a.b=1", "c=2"]) == ("c.yaml", ["a.b=1", "c=2"])
     with pytest.raises(ConfigError, match="got 'd.yaml'"):
         C.split_cli_args(["c.yaml", "d.yaml"])
+
+
+def test_mixture_spec_strings_and_mapping_form():
+    a = load_config(None, ["tasks.mixture={reverse@1: 0.25, addition@2: 0.75}"])
+    b = load_config(None, ["tasks.mixture=[{name: reverse, level: 1, ratio: 0.25},"
+                           " {name: addition, level: 2, ratio: 0.75}]"])
+    assert a == b and a.tasks.ratios() == {"reverse@1": 0.25, "addition@2": 0.75}
+    c = load_config(None, ["tasks.mixture=[reverse@1, sort]"])
+    assert c.tasks.ratios() == {"reverse@1": 0.5, "sort": 0.5}
+    assert "'tasks.mixture[0]' must be a task spec" in _error("tasks.mixture=[reverse@x]")
+    assert "ratios must sum to 1" in _error("tasks.mixture={reverse@1: 0.5, sort: 0.6}")
