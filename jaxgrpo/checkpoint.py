@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 __all__ = ["Checkpointer", "rng_from_json", "rng_to_json"]
 
@@ -92,12 +93,15 @@ class Checkpointer:
                  asynchronous: bool = True, create: bool = True):
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-        self.directory = os.path.abspath(os.fspath(directory))
-        if not os.path.isdir(self.directory):
+        raw = os.fspath(directory)
+        # Local paths are made absolute; URLs (gs://...) are passed to orbax as they are.
+        self.directory = raw if "://" in raw else os.path.abspath(raw)
+        self._path = epath.Path(self.directory)
+        if not self._path.is_dir():
             if not create:
                 raise FileNotFoundError(f"checkpoint directory '{self.directory}' does not "
                                         "exist: check checkpoint.dir / train.workdir")
-            os.makedirs(self.directory, exist_ok=True)
+            self._path.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True)
@@ -107,14 +111,14 @@ class Checkpointer:
     # ---- queries -----------------------------------------------------------------------------
 
     def _committed(self, step: int) -> bool:
-        return os.path.isfile(os.path.join(self.directory, str(step), _COMMIT_MARKER))
+        return (self._path / str(step) / _COMMIT_MARKER).is_file()
 
     def all_steps(self) -> list[int]:
         """Committed steps on disk, ascending (an in-flight or killed save is not listed)."""
         steps = []
-        for name in os.listdir(self.directory):
-            if name.isdigit() and self._committed(int(name)):
-                steps.append(int(name))
+        for child in self._path.iterdir():
+            if child.name.isdigit() and self._committed(int(child.name)):
+                steps.append(int(child.name))
         return sorted(steps)
 
     def latest_step(self) -> int | None:
