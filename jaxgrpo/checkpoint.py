@@ -162,6 +162,7 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: no committed checkpoint (for that step) in the directory.
+          ValueError: the saved tree's structure or shapes differ from ``abstract_state``.
         """
         self.wait()
         steps = self.all_steps()
@@ -174,8 +175,13 @@ class Checkpointer:
             raise FileNotFoundError(f"no committed checkpoint for step {step} in "
                                     f"'{self.directory}'; available steps: {steps}")
         target = jax.tree.map(_abstract_leaf, abstract_state)
-        restored = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except ValueError as e:
+            detail = " ".join(str(e).split())
+            raise ValueError(f"checkpoint step {step} in '{self.directory}' does not match "
+                             f"abstract_state: {detail}") from e
         return restored["state"], dict(restored["meta"])
 
     def restore_meta(self, step: int | None = None) -> dict:

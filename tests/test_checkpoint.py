@@ -103,6 +103,12 @@ def test_restore_errors_are_clear(tmp_path):
         ck.restore(abstract_state=_abstract(_state(0)))
     with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
         ck.restore_meta()
+    ck.save(1, {"a": jnp.ones(3), "b": jnp.ones(2)})
+    with pytest.raises(ValueError, match="step 1 .* does not match abstract_state.*b"):
+        ck.restore(abstract_state={"a": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    with pytest.raises(ValueError, match="does not match abstract_state.*shape"):
+        ck.restore(abstract_state={"a": jax.ShapeDtypeStruct((4,), jnp.float32),
+                                   "b": jax.ShapeDtypeStruct((2,), jnp.float32)})
     ck.close()
 
 
