@@ -1,5 +1,6 @@
 """Checkpointer: round trip, keep-N, atomicity under SIGKILL, restore errors, RNG as JSON."""
 
+import gc
 import os
 import pathlib
 import signal
@@ -95,6 +96,9 @@ def test_synchronous_mode_and_bad_arguments(tmp_path):
     ck.close()
 
 
+# A restore aborted on a shape mismatch leaves an orbax read coroutine that is reported when it
+# is garbage-collected; collect it inside this test and ignore that report here only.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_restore_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint directory .*does not exist"):
         Checkpointer(tmp_path / "missing", create=False)
@@ -110,6 +114,7 @@ def test_restore_errors_are_clear(tmp_path):
         ck.restore(abstract_state={"a": jax.ShapeDtypeStruct((4,), jnp.float32),
                                    "b": jax.ShapeDtypeStruct((2,), jnp.float32)})
     ck.close()
+    gc.collect()
 
 
 def test_restore_into_shardings_of_another_mesh(tmp_path):
