@@ -1,0 +1,447 @@
+"""Host-side metrics: writers, a progress bar, the non-finite guard and throughput helpers.
+
+1. The jitted step returns a flat dict of scalars with ``/``-namespaced keys (``loss/policy``,
+   ``grad/global_norm``, ``task/<name>/accuracy``); the loop fetches it one step late and hands
+   it, as Python floats, to a :class:`MetricWriter`.
+2. :class:`JsonlWriter` appends one JSON object per line (``step``, ``time``, the metrics);
+   :class:`TensorBoardWriter` writes event files (tensorboardX, imported lazily);
+   :class:`MultiWriter` fans out; :func:`process_zero_only` makes every other process a no-op.
+3. :class:`NonFiniteGuard` decides, per step, whether the update was good, skipped (NaN/Inf in
+   the loss or gradient: the device-side step must already have left the state unchanged) or
+   whether the run must stop (:class:`NonFiniteError` after ``max_consecutive`` in a row).
+4. :class:`ProgressBar` prints step/total, rate, ETA and a few metrics to stderr.
+5. :func:`per_task_metrics` turns one step's ``[P, G]`` rewards into per-task scalars;
+   :func:`mfu` and :func:`lm_train_flops_per_token` give model FLOP utilisation.
+
+Nothing here touches devices; only :func:`process_zero_only` asks jax for the process index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "JsonlWriter", "MetricWriter", "MultiWriter", "NonFiniteError", "NonFiniteGuard",
+    "NullWriter", "ProgressBar", "TensorBoardWriter", "ThroughputMeter", "lm_train_flops_per_token", "mfu",
+    "per_task_metrics", "process_zero_only", "read_jsonl", "to_scalars",
+]
+
+
+@runtime_checkable
+class MetricWriter(Protocol):
+    """Where scalar metrics go. Keys are ``/``-namespaced; values are Python floats."""
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Every value as a Python float (numpy/jax 0-d arrays and ints included).
+
+    Raises:
+      ValueError: a value is not a scalar (names the key).
+    """
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        if a.size != 1:
+            raise ValueError(f"metric '{k}' must be a scalar, got shape {a.shape}")
+        out[str(k)] = float(a.reshape(()))
+    return out
+
+
+class NullWriter:
+    """Writes nothing (processes other than 0)."""
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlWriter:
+    """One JSON object per line: ``{"step": s, "time": unix seconds, "<key>": value, ...}``.
+
+    NaN and Inf are written as the JSON extensions ``NaN``/``Infinity``, which
+    :func:`read_jsonl` (Python's ``json``) reads back. Hyper-parameters go to ``hparams.json``
+    next to the file.
+
+    Args:
+      path: the ``.jsonl`` file; its directory is created.
+      resume_step: when resuming from a checkpoint at this step, lines of later steps (written
+        after that checkpoint by the interrupted run) are dropped so the log has no duplicates.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self._file is None:
+            raise ValueError(f"JsonlWriter for '{self.path}' is closed")
+        record = {"step": int(step), "time": time.time(), **to_scalars(metrics)}
+        self._file.write(json.dumps(record) + "\n")
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        out = os.path.join(os.path.dirname(os.path.abspath(self.path)), "hparams.json")
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(dict(hparams), f, indent=1, default=str)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardWriter:
+    """TensorBoard event files via tensorboardX (imported when the writer is created)."""
+
+    def __init__(self, logdir: str | os.PathLike):
+        from tensorboardX import SummaryWriter
+
+        self.logdir = os.fspath(logdir)
+        self._writer = SummaryWriter(self.logdir)
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        for k, v in to_scalars(metrics).items():
+            self._writer.add_scalar(k, v, global_step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        lines = [f"| {k} | {v} |" for k, v in hparams.items()]
+        self._writer.add_text("hparams", "\n".join(["| key | value |", "|---|---|", *lines]))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MultiWriter:
+    """Sends everything to each of ``writers``."""
+
+    def __init__(self, writers: Sequence[MetricWriter]):
+        self.writers = list(writers)
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        for w in self.writers:
+            w.write_scalars(step, metrics)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def flush(self) -> None:
+        for w in self.writers:
+            w.flush()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+def process_zero_only(make_writer, process_index: int | None = None) -> MetricWriter:
+    """``make_writer()`` on process 0, a :class:`NullWriter` elsewhere (no files are opened).
+
+    Args:
+      make_writer: a zero-argument callable building the real writer.
+      process_index: this process's index; default ``jax.process_index()``.
+    """
+    if process_index is None:
+        import jax
+
+        process_index = jax.process_index()
+    return make_writer() if process_index == 0 else NullWriter()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a JSONL metrics file (for notebooks); a torn last line is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a crash mid-write leaves at most the last line torn
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return records
+
+
+# ---- non-finite guard ------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops (the last good checkpoint is kept)."""
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss or gradient metrics are NaN/Inf, and stops a diverging run.
+
+    The jitted step must itself skip a non-finite update (leave the state unchanged); this
+    guard, run on the fetched metrics, counts those skips and decides when to give up.
+
+    Args:
+      max_consecutive: the run stops at this many non-finite steps in a row.
+      keys: metric namespaces that are checked: a key ``k`` is checked if it equals one of them
+        or starts with ``<namespace>/`` (default: ``loss`` and ``grad``).
+    """
+
+    def __init__(self, max_consecutive: int = 3, *, keys: Sequence[str] = ("loss", "grad")):
+        if not isinstance(max_consecutive, int) or isinstance(max_consecutive, bool) or (
+                max_consecutive < 1):
+            raise ValueError(f"max_consecutive must be an int >= 1, got {max_consecutive!r}")
+        if isinstance(keys, str) or not keys:
+            raise ValueError(f"keys must be a non-empty sequence of namespaces, got {keys!r}")
+        self.max_consecutive = max_consecutive
+        self.keys = tuple(keys)
+        self.consecutive = 0
+        self.total = 0
+
+    def _checked(self, key: str) -> bool:
+        return any(key == k or key.startswith(k + "/") for k in self.keys)
+
+    def check(self, step: int, metrics: Mapping[str, Any]) -> bool:
+        """True if the step's update was good; False if it was non-finite (skipped).
+
+        Raises:
+          NonFiniteError: the ``max_consecutive``-th non-finite step in a row.
+        """
+        bad = sorted(k for k, v in to_scalars(metrics).items()
+                     if self._checked(k) and not math.isfinite(v))
+        if not bad:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_consecutive:
+            shown = ", ".join(f"{k}={float(np.asarray(metrics[k])):g}" for k in bad[:5])
+            raise NonFiniteError(
+                f"step {step}: non-finite {shown}; {self.consecutive} consecutive non-finite "
+                f"steps (limit train.max_nonfinite_steps={self.max_consecutive}), stopping. "
+                "The last good checkpoint is intact: lower optim.lr or check the data, then "
+                "resume with --resume.")
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        return {"nonfinite/consecutive": float(self.consecutive),
+                "nonfinite/skipped_total": float(self.total)}
+
+    def get_state(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+# ---- progress bar ----------------------------------------------------------------------------
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+class ProgressBar:
+    """A plain-text progress line: ``step 40/200 20% | 1.32 step/s | ETA 2:01 | loss 0.41``.
+
+    On a terminal the line is redrawn in place at most every ``min_interval`` seconds (and at
+    the last step); otherwise (a log file, CI) one line is printed every ``every`` steps and at
+    the last step.
+
+    Args:
+      total: the last step number.
+      keys: metrics shown, in order, when present.
+      every: steps between lines when the stream is not a terminal.
+      initial: the step the run starts from (a resumed run's rate ignores earlier steps).
+      stream: default ``sys.stderr``.
+      clock: seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(self, total: int, *, keys: Sequence[str] = ("loss/policy", "reward/mean"),
+                 every: int = 10, initial: int = 0, stream: TextIO | None = None,
+                 clock=time.monotonic, min_interval: float = 0.2):
+        if not isinstance(total, int) or total < 1:
+            raise ValueError(f"total must be an int >= 1, got {total!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.total, self.keys, self.every, self.initial = total, tuple(keys), every, initial
+        self.stream = sys.stderr if stream is None else stream
+        self.clock, self.min_interval = clock, min_interval
+        self._t0 = clock()
+        self._last_draw = -math.inf
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+
+    def format(self, step: int, metrics: Mapping[str, Any] | None = None) -> str:
+        done = step - self.initial
+        elapsed = self.clock() - self._t0
+        rate = done / elapsed if elapsed > 0 and done > 0 else math.nan
+        eta = (self.total - step) / rate if rate > 0 else math.nan
+        parts = [f"step {step}/{self.total} {100 * step // self.total}%",
+                 f"{rate:.2f} step/s" if math.isfinite(rate) else "? step/s",
+                 f"ETA {_clock(eta)}"]
+        for k in self.keys:
+            if metrics and k in metrics:
+                parts.append(f"{k} {float(np.asarray(metrics[k])):.4g}")
+        return " | ".join(parts)
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        last = step >= self.total
+        if self.tty:
+            now = self.clock()
+            if not last and now - self._last_draw < self.min_interval:
+                return
+            self._last_draw = now
+            self.stream.write("\r\x1b[K" + self.format(step, metrics) + ("\n" if last else ""))
+        elif last or step % self.every == 0:
+            self.stream.write(self.format(step, metrics) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---- per-task metrics and throughput ------------------------------------------------------------
+
+
+def per_task_metrics(task_names: Sequence[str], rewards_PxG, correct_PxG, lengths_PxG,
+                     valid_PxG=None) -> dict[str, float]:
+    """Per-task scalars for one step, from host arrays.
+
+    For each task t (the prompts p with ``task_names[p] == t``), over valid completions:
+    ``task/<t>/reward_mean``, ``task/<t>/accuracy`` (fraction correct),
+    ``task/<t>/zero_adv_frac`` (fraction of the task's prompts whose valid rewards are all
+    equal: a zero group-relative advantage), ``task/<t>/length_mean`` and ``.../length_max``,
+    and ``task/<t>/prompts``. Tasks whose completions are all invalid get NaN means.
+
+    Args:
+      task_names: ``[P]`` task of each prompt.
+      rewards_PxG, correct_PxG, lengths_PxG: ``[P, G]`` rewards, correctness (bool), completion
+        lengths in tokens.
+      valid_PxG: ``[P, G]`` bool; default all valid.
+    """
+    r = np.asarray(rewards_PxG, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(f"rewards_PxG must be [P, G], got shape {r.shape}")
+    c = np.asarray(correct_PxG, dtype=bool)
+    n = np.asarray(lengths_PxG, dtype=np.float64)
+    v = np.ones(r.shape, bool) if valid_PxG is None else np.asarray(valid_PxG, dtype=bool)
+    for name, a in (("correct_PxG", c), ("lengths_PxG", n), ("valid_PxG", v)):
+        if a.shape != r.shape:
+            raise ValueError(f"{name} must have shape {r.shape} like rewards_PxG, got {a.shape}")
+    if len(task_names) != r.shape[0]:
+        raise ValueError(f"task_names must have P={r.shape[0]} entries, got {len(task_names)}")
+    names = np.asarray(task_names, dtype=object)
+    out: dict[str, float] = {}
+    for t in dict.fromkeys(task_names):
+        rows = names == t
+        rv, vv = r[rows], v[rows]
+        cnt = vv.sum()
+        mean = (lambda x, cnt=cnt, vv=vv: float((x * vv).sum() / cnt) if cnt else math.nan)
+        zero = [np.ptp(rv[i][vv[i]]) == 0 if vv[i].any() else True for i in range(len(rv))]
+        out[f"task/{t}/prompts"] = float(rows.sum())
+        out[f"task/{t}/reward_mean"] = mean(rv)
+        out[f"task/{t}/accuracy"] = mean(c[rows].astype(np.float64))
+        out[f"task/{t}/zero_adv_frac"] = float(np.mean(zero))
+        out[f"task/{t}/length_mean"] = mean(n[rows])
+        out[f"task/{t}/length_max"] = float(n[rows][vv].max()) if cnt else math.nan
+    return out
+
+
+def lm_train_flops_per_token(num_params: int, *, num_layers: int = 0, width: int = 0,
+                             seq_len: int = 0, training: bool = True) -> float:
+    """Model FLOPs per token of a dense decoder (PaLM, Chowdhery et al. 2022, App. B).
+
+    Training: ``6·N + 12·L·D·T``; forward only: ``2·N + 4·L·D·T`` (N parameters, L layers,
+    D = heads·head width, T the attended length; pass 0s to drop the attention term).
+    """
+    for name, x in (("num_params", num_params), ("num_layers", num_layers), ("width", width),
+                    ("seq_len", seq_len)):
+        if x < 0:
+            raise ValueError(f"{name} must be >= 0, got {x}")
+    k = 3 if training else 1
+    return float(k * (2 * num_params + 4 * num_layers * width * seq_len))
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float,
+        num_devices: int = 1) -> float:
+    """Model FLOP utilisation: ``flops_per_step / (step_time_s · peak · num_devices)``."""
+    if step_time_s <= 0 or peak_flops_per_s <= 0 or num_devices < 1:
+        raise ValueError("step_time_s and peak_flops_per_s must be > 0 and num_devices >= 1, "
+                         f"got {step_time_s}, {peak_flops_per_s}, {num_devices}")
+    return float(flops_per_step) / (step_time_s * peak_flops_per_s * num_devices)
+
+
+class ThroughputMeter:
+    """Step time, tokens/s and MFU from the wall time between consecutive :meth:`step` calls.
+
+    Args:
+      flops_per_token: model FLOPs per processed token (e.g. :func:`lm_train_flops_per_token`);
+        None leaves out ``perf/mfu``.
+      peak_flops_per_s: per-device peak used for MFU (measure it in the same run).
+      num_devices: devices the step runs on.
+      clock: seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(self, *, flops_per_token: float | None = None,
+                 peak_flops_per_s: float | None = None, num_devices: int = 1,
+                 clock=time.monotonic):
+        if (flops_per_token is None) != (peak_flops_per_s is None):
+            raise ValueError("give both flops_per_token and peak_flops_per_s, or neither")
+        self.flops_per_token, self.peak = flops_per_token, peak_flops_per_s
+        self.num_devices, self.clock = num_devices, clock
+        self._last = clock()
+
+    def reset(self) -> None:
+        """Restart the interval (e.g. after an eval or a checkpoint pause)."""
+        self._last = self.clock()
+
+    def step(self, tokens: int) -> dict[str, float]:
+        """Metrics of the interval since the last call, which processed ``tokens`` tokens."""
+        now = self.clock()
+        dt, self._last = now - self._last, now
+        out = {"perf/step_time_s": dt,
+               "perf/tokens_per_s": tokens / dt if dt > 0 else math.nan}
+        if self.flops_per_token is not None and dt > 0:
+            out["perf/mfu"] = mfu(self.flops_per_token * tokens, dt, self.peak, self.num_devices)
+        return out
