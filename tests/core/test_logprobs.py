@@ -225,3 +225,19 @@ def test_benchmark_quick_smoke():
     assert mem["full_over_chunked"] > 1.0
     assert tim["median_s_full"] > 0 and tim["median_s_chunked"] > 0
     assert tim["chunked_over_full"] == pytest.approx(tim["median_s_chunked"] / tim["median_s_full"])
+
+
+def test_minus_inf_logits_give_finite_values_and_gradients():
+    """Banned vocabulary entries (logit -inf) have probability 0 and never make a NaN."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    logits[..., 4:] = -np.inf
+    tg = rng.integers(0, 4, size=(2, 3)).astype(np.int32)
+    f = lambda z: token_logprobs(z, tg, return_entropy=True)
+    lp, ent = f(logits)
+    want_lp, want_ent = ref_logprobs_entropy(logits[..., :4], tg)
+    np.testing.assert_allclose(np.asarray(lp), want_lp, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda z: jnp.sum(f(z)[0]) + jnp.sum(f(z)[1]))(logits)
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)) and np.all(g[..., 4:] == 0.0)
