@@ -32,19 +32,22 @@ def _check_targets(targets, shape: tuple[int, int]) -> jax.Array:
     return targets
 
 
-def _logp_entropy_from_logits(z: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``z`` float32 ``[..., V]``, ``targets`` int ``[...]`` -> (logp, entropy), both ``[...]``."""
+def _logp_entropy_from_logits(z: jax.Array, targets: jax.Array, with_entropy: bool):
+    """``z`` float32 ``[..., V]``, ``targets`` int ``[...]`` -> (logp, entropy or None)."""
     # Shift by the row max first: log-softmax values are then O(1) numbers, and the entropy is
     # -sum p log p over them (lse - sum p z would cancel catastrophically for large logits).
     shift = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     zs = z - shift
-    log_sm = zs - jnp.log(jnp.sum(jnp.exp(zs), axis=-1, keepdims=True))
-    logp = jnp.take_along_axis(log_sm, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    lse = jnp.log(jnp.sum(jnp.exp(zs), axis=-1))
+    picked = jnp.take_along_axis(zs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp = picked - lse
+    if not with_entropy:
+        return logp, None
+    log_sm = zs - lse[..., None]
     p = jnp.exp(log_sm)
     # 0 * -inf (a -inf logit) would be NaN: such entries contribute exactly 0.
-    safe_log = jnp.where(p > 0, log_sm, 0.0)
-    entropy = -jnp.sum(p * safe_log, axis=-1)
+    entropy = -jnp.sum(p * jnp.where(p > 0, log_sm, 0.0), axis=-1)
     return logp, entropy
 
 
@@ -66,7 +69,7 @@ def token_logprobs(logits, targets, *, return_entropy: bool = False):
         raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
     targets = _check_targets(targets, logits.shape[:2])
     z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    logp, entropy = _logp_entropy_from_logits(z, targets)
+    logp, entropy = _logp_entropy_from_logits(z, targets, return_entropy)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -140,10 +143,11 @@ def chunked_token_logprobs(
         z = jnp.einsum("cd,dv->cv", h_c, w, preferred_element_type=jnp.float32)
         if b is not None:
             z = z + b.astype(jnp.float32)[None, :]
-        return _logp_entropy_from_logits(z, t_c)
+        logp_c, entropy_c = _logp_entropy_from_logits(z, t_c, return_entropy)
+        return (logp_c, entropy_c) if return_entropy else logp_c
 
-    logp, entropy = jax.lax.map(lambda xs: one_chunk(unembedding, bias, *xs), (h, tg))
-    logp = logp.reshape(-1)[:rows].reshape(n, t)
+    out = jax.lax.map(lambda xs: one_chunk(unembedding, bias, *xs), (h, tg))
+    unchunk = lambda x: x.reshape(-1)[:rows].reshape(n, t)
     if not return_entropy:
-        return logp
-    return logp, entropy.reshape(-1)[:rows].reshape(n, t)
+        return unchunk(out)
+    return unchunk(out[0]), unchunk(out[1])
