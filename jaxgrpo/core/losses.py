@@ -58,6 +58,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrpo.core.masked import safe_div
 
@@ -154,8 +155,9 @@ def policy_loss_terms(
     if agg != "block_mean" and token_weights is not None:
         raise ValueError(f"token_weights is only used by agg='block_mean', not agg={agg!r}")
     if max_len is not None:
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len <= 0:
             raise ValueError(f"max_len must be a positive Python int, got {max_len!r}")
+        max_len = int(max_len)
         if agg != "seq_mean_token_sum_norm":
             raise ValueError(f"max_len is only used by agg='seq_mean_token_sum_norm', not {agg!r}")
 
@@ -317,6 +319,8 @@ def policy_loss(
     """Clipped-surrogate policy loss with optional dual clip, KL to a reference, and aggregation.
 
     See the module docstring for the formulas and the exact normalisation of each ``agg`` mode.
+    Arrays may be traced; the hyper-parameters (clips, ``kl_coef``, modes, ``max_len``) are
+    static Python values, validated at trace time.
 
     Args:
         logp: ``[N, T]`` log-probs of the sampled tokens under the current policy.

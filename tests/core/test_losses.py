@@ -202,7 +202,8 @@ def test_dr_grpo_max_len_defaults_to_T():
     logp, old, ref, adv, mask, _ = make_inputs(seed=5)
     a, _ = policy_loss(logp, old, adv, mask, agg="seq_mean_token_sum_norm")
     b, _ = policy_loss(logp, old, adv, mask, agg="seq_mean_token_sum_norm", max_len=T)
-    assert float(a) == float(b)
+    c, _ = policy_loss(logp, old, adv, mask, agg="seq_mean_token_sum_norm", max_len=np.int64(T))
+    assert float(a) == float(b) == float(c)
 
 
 # ----------------------------------------------------------------------------------------------
