@@ -1,0 +1,153 @@
+"""Per-token log-probabilities and entropies, from logits or (chunked) from hidden states.
+
+``token_logprobs`` takes full logits ``[N, T, V]``. ``chunked_token_logprobs`` takes the final
+hidden states ``[N, T, D]`` and the unembedding ``[D, V]`` and never materialises ``[N, T, V]``:
+the ``N*T`` rows are cut into chunks of ``chunk_size`` rows, a ``lax.map`` (a scan) computes one
+chunk's ``[chunk_size, V]`` logits at a time, and ``jax.checkpoint`` on the per-chunk function
+makes the backward pass recompute each chunk's logits instead of storing them. Peak temporary
+memory is then O(chunk_size * V + D * V) instead of O(N * T * V) (``benchmarks/logprobs_memory.py``
+measures it).
+
+Formulas, in float32 whatever the input dtype (bf16 logits are upcast before the reduction)::
+
+    log_softmax(z) = (z - max z) - log sum_v exp(z_v - max z)
+    logp[n, t]     = log_softmax(z[n, t])[targets[n, t]]
+    entropy[n, t]  = -sum_v p[n, t, v] log p[n, t, v],   p = softmax(z[n, t])   (0 log 0 = 0)
+
+``targets`` must lie in ``[0, V)``; this is not checked (it cannot be under ``jit``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_targets(targets, shape: tuple[int, int]) -> jax.Array:
+    targets = jnp.asarray(targets)
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must be an integer array of token ids, got dtype {targets.dtype}")
+    if targets.shape != shape:
+        raise ValueError(f"targets shape {targets.shape} must be [N, T] = {shape}")
+    return targets
+
+
+def _logp_entropy_from_logits(z: jax.Array, targets: jax.Array, with_entropy: bool):
+    """``z`` float32 ``[..., V]``, ``targets`` int ``[...]`` -> (logp, entropy or None)."""
+    # Shift by the row max first: log-softmax values are then O(1) numbers, and the entropy is
+    # -sum p log p over them (lse - sum p z would cancel catastrophically for large logits).
+    shift = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    zs = z - shift
+    lse = jnp.log(jnp.sum(jnp.exp(zs), axis=-1))
+    picked = jnp.take_along_axis(zs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp = picked - lse
+    if not with_entropy:
+        return logp, None
+    log_sm = zs - lse[..., None]
+    p = jnp.exp(log_sm)
+    # 0 * -inf (a -inf logit) would be NaN: such entries contribute exactly 0.
+    entropy = -jnp.sum(p * jnp.where(p > 0, log_sm, 0.0), axis=-1)
+    return logp, entropy
+
+
+def token_logprobs(logits, targets, *, return_entropy: bool = False):
+    """Log-probability of each target token under ``softmax(logits)``, and optionally the entropy.
+
+    Args:
+        logits: float ``[N, T, V]`` (any float dtype; computed in float32).
+        targets: int ``[N, T]`` token ids in ``[0, V)``.
+        return_entropy: also return the entropy of each position's distribution.
+
+    Returns:
+        float32 ``[N, T]`` log-probs, or ``(logp, entropy)`` with ``entropy`` float32 ``[N, T]``.
+    """
+    logits = jnp.asarray(logits)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be [N, T, V], got shape {logits.shape}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    targets = _check_targets(targets, logits.shape[:2])
+    z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp, entropy = _logp_entropy_from_logits(z, targets, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def chunked_token_logprobs(
+    hidden,
+    unembedding,
+    targets,
+    *,
+    chunk_size: int,
+    return_entropy: bool = False,
+    bias=None,
+):
+    """``token_logprobs(hidden @ unembedding + bias, targets)`` without materialising the logits.
+
+    The ``N*T`` rows are zero-padded to a multiple of ``chunk_size`` and processed one chunk at a
+    time under ``jax.checkpoint``, so neither the forward nor the backward pass (w.r.t. ``hidden``,
+    ``unembedding`` and ``bias``) ever holds more than one chunk's ``[chunk_size, V]`` logits and
+    their cotangent. Padded rows are dropped from the output, so they get zero gradient. The
+    matmul accumulates in float32 (``preferred_element_type``) for bf16 weights.
+
+    Args:
+        hidden: float ``[N, T, D]`` final hidden states.
+        unembedding: float ``[D, V]`` output projection (the transposed embedding when tied).
+        targets: int ``[N, T]`` token ids in ``[0, V)``.
+        chunk_size: rows per chunk, a Python int >= 1; larger is faster, smaller saves memory.
+        return_entropy: also return the per-position entropy.
+        bias: optional float ``[V]`` output bias.
+
+    Returns:
+        float32 ``[N, T]`` log-probs, or ``(logp, entropy)``.
+    """
+    hidden = jnp.asarray(hidden)
+    unembedding = jnp.asarray(unembedding)
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must be [N, T, D], got shape {hidden.shape}")
+    if unembedding.ndim != 2:
+        raise ValueError(f"unembedding must be [D, V], got shape {unembedding.shape}")
+    for name, x in (("hidden", hidden), ("unembedding", unembedding)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    n, t, d = hidden.shape
+    if unembedding.shape[0] != d:
+        raise ValueError(
+            f"unembedding has {unembedding.shape[0]} rows, expected D={d} (hidden's last axis)"
+        )
+    v = unembedding.shape[1]
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (v,):
+            raise ValueError(f"bias must be [V] = ({v},), got shape {bias.shape}")
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise TypeError(f"bias must be a floating array, got dtype {bias.dtype}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a Python int >= 1, got {chunk_size!r}")
+    targets = _check_targets(targets, (n, t))
+
+    rows = n * t
+    chunk = min(chunk_size, rows) if rows > 0 else 1
+    num_chunks = -(-rows // chunk)
+    pad = num_chunks * chunk - rows
+    h = hidden.reshape(rows, d)
+    tg = targets.reshape(rows).astype(jnp.int32)
+    if pad:
+        h = jnp.concatenate([h, jnp.zeros((pad, d), h.dtype)], axis=0)
+        tg = jnp.concatenate([tg, jnp.zeros((pad,), tg.dtype)], axis=0)
+    h = h.reshape(num_chunks, chunk, d)
+    tg = tg.reshape(num_chunks, chunk)
+
+    @jax.checkpoint
+    def one_chunk(w, b, h_c, t_c):
+        z = jnp.einsum("cd,dv->cv", h_c, w, preferred_element_type=jnp.float32)
+        if b is not None:
+            z = z + b.astype(jnp.float32)[None, :]
+        logp_c, entropy_c = _logp_entropy_from_logits(z, t_c, return_entropy)
+        return (logp_c, entropy_c) if return_entropy else logp_c
+
+    out = jax.lax.map(lambda xs: one_chunk(unembedding, bias, *xs), (h, tg))
+    unchunk = lambda x: x.reshape(-1)[:rows].reshape(n, t)
+    if not return_entropy:
+        return unchunk(out)
+    return unchunk(out[0]), unchunk(out[1])
