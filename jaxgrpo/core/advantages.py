@@ -21,7 +21,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxgrpo.core.masked import masked_all_equal, masked_count, masked_mean_std, masked_sum, safe_div
+from jaxgrpo.core.masked import (
+    masked_all_equal,
+    masked_count,
+    masked_mean_std,
+    masked_sum,
+    safe_div,
+)
 
 GROUP_BASELINES = ("mean", "leave_one_out")
 GROUP_SCALES = ("group", "batch", "none")
@@ -87,7 +93,9 @@ def _valid_input(valid, shape: tuple[int, ...]) -> jax.Array:
     if valid.dtype != jnp.bool_:
         raise TypeError(f"valid must be a bool array [P, G], got dtype {valid.dtype}")
     if valid.shape != shape:
-        raise ValueError(f"valid must have shape [P, G] = {shape} to match rewards, got {valid.shape}")
+        raise ValueError(
+            f"valid must have shape [P, G] = {shape} to match rewards, got {valid.shape}"
+        )
     return valid
 
 
