@@ -20,6 +20,11 @@ from jaxgrpo.core.advantages import (
 )
 from jaxgrpo.core.masked import masked_all_equal
 
+# Most tests call these jitted wrappers (one compile per shape and mode instead of eager
+# op-by-op dispatch); the jit/vmap tests compare them with plain eager calls.
+gr = jax.jit(group_relative, static_argnames=("baseline", "scale", "std_ddof", "eps"))
+bw = jax.jit(blockwise, static_argnames=("baselines", "std_normalize", "ocb_kappa", "eps"))
+
 RTOL, ATOL = 1e-5, 1e-6
 GROUP_MODES = list(itertools.product(("mean", "leave_one_out"), ("group", "batch", "none"), (0, 1)))
 
@@ -149,7 +154,7 @@ def random_block_batch(seed, P=5, G=7, K=3, num_outcomes=3):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_group_relative_matches_loop_reference(baseline, scale, ddof, seed):
     r, valid = random_group_batch(seed)
-    got = group_relative(r, valid, baseline=baseline, scale=scale, std_ddof=ddof, eps=1e-6)
+    got = gr(r, valid, baseline=baseline, scale=scale, std_ddof=ddof, eps=1e-6)
     want = ref_group_relative(r, valid, baseline, scale, ddof, 1e-6)
     assert got.shape == r.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
@@ -158,7 +163,7 @@ def test_group_relative_matches_loop_reference(baseline, scale, ddof, seed):
 
 def test_group_relative_default_is_grpo_population_zscore():
     r = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 2.0, -1.0, 3.5]], np.float32)
-    got = np.asarray(group_relative(r))
+    got = np.asarray(gr(r))
     want = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(got[0], [1, -1, -1, 1], rtol=RTOL, atol=ATOL)
@@ -211,7 +216,7 @@ def test_group_relative_reproduces_peers(seed):
     flat = r.ravel()
 
     def ours(**kw):
-        return np.asarray(flatten_groups(group_relative(r, **kw)))
+        return np.asarray(flatten_groups(gr(r, **kw)))
 
     np.testing.assert_allclose(ours(std_ddof=1, eps=1e-6), tunix_grpo(flat, G), RTOL, ATOL)
     uids = [f"prompt{n // G}" for n in range(P * G)]
@@ -233,7 +238,7 @@ def test_group_relative_reproduces_peers(seed):
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_mean_baseline_gives_zero_mean_groups(scale):
     r, valid = random_group_batch(3, P=9, G=8)
-    a = np.asarray(group_relative(r, valid, scale=scale))
+    a = np.asarray(gr(r, valid, scale=scale))
     np.testing.assert_allclose(np.where(valid, a, 0).sum(1), 0, atol=1e-5)
 
 
@@ -241,8 +246,8 @@ def test_leave_one_out_is_rescaled_mean_advantage():
     # r_i - mean_{-i} = n / (n - 1) * (r_i - mean): the standard RLOO identity.
     r, valid = random_group_batch(4, P=9, G=8)
     n = valid.sum(1, keepdims=True)
-    mean_adv = np.asarray(group_relative(r, valid, scale="none"))
-    loo_adv = np.asarray(group_relative(r, valid, baseline="leave_one_out", scale="none"))
+    mean_adv = np.asarray(gr(r, valid, scale="none"))
+    loo_adv = np.asarray(gr(r, valid, baseline="leave_one_out", scale="none"))
     want = np.where(n >= 2, mean_adv * n / np.maximum(n - 1, 1), 0)
     np.testing.assert_allclose(loo_adv, want, rtol=RTOL, atol=ATOL)
 
@@ -251,12 +256,12 @@ def test_leave_one_out_is_rescaled_mean_advantage():
 def test_invariant_to_reward_shifts(baseline, scale, ddof):
     r, valid = random_group_batch(5, degenerate=False)
     kw = dict(baseline=baseline, scale=scale, std_ddof=ddof)
-    a = np.asarray(group_relative(r, valid, **kw))
+    a = np.asarray(gr(r, valid, **kw))
     if scale == "batch":  # the batch std sees between-group shifts; a global shift only
         shift = np.full((r.shape[0], 1), 3.0, np.float32)
     else:
         shift = np.linspace(-5, 5, r.shape[0], dtype=np.float32)[:, None]
-    b = np.asarray(group_relative(r + shift, valid, **kw))
+    b = np.asarray(gr(r + shift, valid, **kw))
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)  # r + shift rounds at 5 * 2**-23
 
 
@@ -265,30 +270,37 @@ def test_invariant_to_reward_shifts(baseline, scale, ddof):
 def test_scale_behaviour(baseline, scale, factor):
     r, valid = random_group_batch(6, degenerate=False)
     kw = dict(baseline=baseline, scale=scale, eps=0.0)
-    a = np.asarray(group_relative(r, valid, **kw))
-    b = np.asarray(group_relative(r * np.float32(factor), valid, **kw))
+    a = np.asarray(gr(r, valid, **kw))
+    b = np.asarray(gr(r * np.float32(factor), valid, **kw))
     # Standardised modes are scale-free (up to sign); Dr. GRPO / RLOO scale linearly.
     want = a * (factor if scale == "none" else np.sign(factor))
     np.testing.assert_allclose(b, want, rtol=RTOL, atol=ATOL)
 
 
+def _degenerate_groups():
+    """Rows: all equal (0.1 leaves rounding error in r - mean), equal valid rewards next to a
+    different invalid one, one valid sample, no valid sample."""
+    r = np.array([[0.1, 0.1, 0.1], [0.1, 0.1, 5.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], np.float32)
+    valid = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]], bool)
+    return r, valid
+
+
+def test_all_equal_guard_leaves_rounding_error_naively():
+    r, _ = _degenerate_groups()
+    naive = r[:1] - jnp.mean(jnp.asarray(r[:1]), axis=-1, keepdims=True)
+    assert np.any(np.asarray(naive) != 0)  # so the exact-zero tests below test something
+    assert np.all(np.asarray(group_relative(r[:1])) == 0)  # eager
+    assert np.all(np.asarray(group_relative(r[:1], scale="none", eps=0.0)) == 0)
+
+
 @pytest.mark.parametrize("baseline,scale,ddof", GROUP_MODES)
-def test_degenerate_groups_give_exact_zero(baseline, scale, ddof):
-    kw = dict(baseline=baseline, scale=scale, std_ddof=ddof)
-    r = np.full((2, 3), 0.1, np.float32)
-    # Guard: the naive residual of this group is not exactly 0 in float32.
-    naive = r - jnp.mean(jnp.asarray(r), axis=-1, keepdims=True)
-    assert np.any(np.asarray(naive) != 0)
-    assert np.all(np.asarray(group_relative(r, **kw)) == 0)
-    assert np.all(np.asarray(group_relative(r, **kw, eps=0.0)) == 0)
-    # Equal valid rewards next to different invalid ones.
-    valid = np.array([[True, True, False], [False, False, False]])
-    r2 = np.array([[0.1, 0.1, 5.0], [1.0, 2.0, 3.0]], np.float32)
-    assert np.all(np.asarray(group_relative(r2, valid, **kw)) == 0)
-    # One valid sample per group; all-false valid.
-    one = np.array([[False, True, False], [True, False, False]])
-    assert np.all(np.asarray(group_relative(r2, one, **kw)) == 0)
-    assert np.all(np.asarray(group_relative(r2, np.zeros((2, 3), bool), **kw)) == 0)
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_degenerate_groups_give_exact_zero(baseline, scale, ddof, eps):
+    r, valid = _degenerate_groups()
+    kw = dict(baseline=baseline, scale=scale, std_ddof=ddof, eps=eps)
+    assert np.all(np.asarray(gr(r, valid, **kw)) == 0)
+    assert np.all(np.asarray(gr(r, np.zeros_like(valid), **kw)) == 0)
+    assert np.all(np.asarray(gr(np.full_like(r, 0.1), None, **kw)) == 0)
 
 
 @pytest.mark.parametrize("baseline,scale,ddof", GROUP_MODES)
@@ -296,20 +308,18 @@ def test_degenerate_groups_give_exact_zero(baseline, scale, ddof):
 def test_no_nan_or_inf_from_degenerate_input(baseline, scale, ddof, eps):
     r, valid = random_group_batch(7)
     r[~valid] = np.nan
-    r_tiny = np.array([[1e-38, 2e-38, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], np.float32)
-    single = np.nan_to_num(r)
-    for rr, vv in [(r, valid), (r_tiny, None), (single[:1, :1], None), (single[:, :1], None)]:
-        a = np.asarray(
-            group_relative(rr, vv, baseline=baseline, scale=scale, std_ddof=ddof, eps=eps)
-        )
-        assert np.all(np.isfinite(a)), (rr, a)
+    r[5, :3] = [1e-38, 2e-38, 0.0]  # subnormal spread
+    valid[5, :3] = True
+    kw = dict(baseline=baseline, scale=scale, std_ddof=ddof, eps=eps)
+    assert np.all(np.isfinite(np.asarray(gr(r, valid, **kw))))
+    assert np.all(np.isfinite(np.asarray(gr(np.nan_to_num(r[:, :1]), None, **kw))))  # G = 1
 
 
 def test_ddof_one_needs_two_samples_for_the_std():
     r = np.array([[1.0, 5.0, 2.0]], np.float32)
     valid = np.array([[True, False, False]])
     for scale in ("group", "batch"):
-        a = group_relative(r, valid, scale=scale, std_ddof=1)
+        a = gr(r, valid, scale=scale, std_ddof=1)
         assert np.all(np.asarray(a) == 0)
 
 
@@ -322,7 +332,6 @@ def test_group_relative_jit_vmap_and_stop_gradient(baseline, scale):
     eager = np.stack([np.asarray(fn(r[i], valid[i])) for i in range(3)])
     jitted = jax.jit(fn)
     np.testing.assert_allclose(np.asarray(jitted(r[0], valid[0])), eager[0], RTOL, ATOL)
-    np.testing.assert_allclose(np.asarray(jax.vmap(fn)(r, valid)), eager, RTOL, ATOL)
     np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(fn))(r, valid)), eager, RTOL, ATOL)
     jitted(r[1], valid[1])
     assert jitted._cache_size() == 1  # the second call with the same shapes compiles nothing
@@ -330,13 +339,13 @@ def test_group_relative_jit_vmap_and_stop_gradient(baseline, scale):
     j2 = jax.jit(group_relative, static_argnames=("baseline", "scale", "std_ddof", "eps"))
     out = j2(r[0], valid[0], baseline=baseline, scale=scale, std_ddof=1)
     np.testing.assert_allclose(np.asarray(out), eager[0], RTOL, ATOL)
-    grad = jax.grad(lambda x: jnp.sum(fn(x, valid[0]) * x))(jnp.asarray(r[0]))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, valid[0]) * x)))(jnp.asarray(r[0]))
     np.testing.assert_allclose(np.asarray(grad), np.asarray(fn(r[0], valid[0])), RTOL, ATOL)
 
 
 def test_group_relative_keeps_wider_float_and_promotes_bf16():
     r = jnp.asarray(_peer_rewards(0), jnp.bfloat16)
-    assert group_relative(r).dtype == jnp.float32
+    assert gr(r).dtype == jnp.float32
 
 
 def test_group_relative_errors_name_the_argument():
@@ -382,20 +391,20 @@ def test_bae_spec_worked_example():
     """specs/bae.md §9: one prompt, G = 4, Brier confidence reward."""
     rewards, outcomes = _bae_example([1, 1, 0, 0], [0.9, 0.6, 0.2, 0.7])
     np.testing.assert_allclose(rewards[0, :, 1], [-0.01, -0.16, -0.04, -0.49], atol=1e-7)
-    ocb = np.asarray(blockwise(rewards, outcomes, baselines=("group_mean", "ocb")))[0]
+    ocb = np.asarray(bw(rewards, outcomes, baselines=("group_mean", "ocb")))[0]
     np.testing.assert_allclose(ocb[:, 0], [0.5, 0.5, -0.5, -0.5], atol=ATOL)
     np.testing.assert_allclose(ocb[:, 1], [0.075, -0.075, 0.225, -0.225], atol=ATOL)
-    gm = np.asarray(blockwise(rewards, outcomes, baselines=("group_mean", "group_mean")))[0]
+    gm = np.asarray(bw(rewards, outcomes, baselines=("group_mean", "group_mean")))[0]
     np.testing.assert_allclose(gm[:, 1], [0.165, 0.015, 0.135, -0.315], atol=ATOL)
     rlcr = rewards.sum(-1)  # the RLCR scalar R = c - (q - c)^2 on all tokens
     np.testing.assert_allclose(rlcr[0], [0.99, 0.84, -0.04, -0.49], atol=ATOL)
-    a = np.asarray(group_relative(rlcr, scale="none"))[0]
+    a = np.asarray(gr(rlcr, scale="none"))[0]
     np.testing.assert_allclose(a, [0.665, 0.515, -0.365, -0.815], atol=ATOL)
 
 
 def test_bae_spec_singleton_stratum_example():
     rewards, outcomes = _bae_example([1, 0, 0, 0], [0.3, 0.1, 0.5, 0.9])
-    a = np.asarray(blockwise(rewards, outcomes, baselines=("group_mean", "ocb")))[0, :, 1]
+    a = np.asarray(bw(rewards, outcomes, baselines=("group_mean", "ocb")))[0, :, 1]
     assert a[0] == 0  # the only correct sample: singleton stratum, exactly 0
     np.testing.assert_allclose(a, [0, 1.04 / 3, 0.32 / 3, -1.36 / 3], atol=ATOL)
     np.testing.assert_allclose(a, [0, 0.3467, 0.1067, -0.4533], atol=5e-5)  # spec's 4 decimals
@@ -409,7 +418,7 @@ BLOCK_MODES = ("none", "batch_mean", "group_mean", "ocb", "ocb_loo", "ocb_shrink
 def test_blockwise_matches_loop_reference(std_normalize, seed):
     r, o, valid = random_block_batch(seed, K=6)
     kw = dict(baselines=BLOCK_MODES, std_normalize=std_normalize, ocb_kappa=1.5, eps=1e-6)
-    got = np.asarray(blockwise(r, o, valid, **kw))
+    got = np.asarray(bw(r, o, valid, **kw))
     want = ref_blockwise(r, o, valid, BLOCK_MODES, std_normalize, 1.5, 1e-6)
     assert got.shape == r.shape
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -418,11 +427,11 @@ def test_blockwise_matches_loop_reference(std_normalize, seed):
 
 def test_blockwise_agrees_with_group_relative():
     r, o, valid = random_block_batch(2, K=2)
-    a = np.asarray(blockwise(r, o, valid, baselines=("group_mean", "group_mean")))
-    b = np.asarray(blockwise(r, o, valid, baselines=("group_mean",) * 2, std_normalize=True))
+    a = np.asarray(bw(r, o, valid, baselines=("group_mean", "group_mean")))
+    b = np.asarray(bw(r, o, valid, baselines=("group_mean",) * 2, std_normalize=True))
     for k in range(2):
-        np.testing.assert_allclose(a[..., k], group_relative(r[..., k], valid, scale="none"))
-        want = group_relative(r[..., k], valid, scale="group", std_ddof=0, eps=1e-6)
+        np.testing.assert_allclose(a[..., k], gr(r[..., k], valid, scale="none"))
+        want = gr(r[..., k], valid, scale="group", std_ddof=0, eps=1e-6)
         np.testing.assert_allclose(b[..., k], want, RTOL, ATOL)
 
 
@@ -430,9 +439,7 @@ def test_ocb_relations():
     r, o, valid = random_block_batch(3, K=2, num_outcomes=2)
     names = ("ocb", "ocb_loo")
     ocb, loo = np.moveaxis(
-        np.asarray(
-            blockwise(r[..., :1].repeat(2, -1), o[..., :1].repeat(2, -1), valid, baselines=names)
-        ),
+        np.asarray(bw(r[..., :1].repeat(2, -1), o[..., :1].repeat(2, -1), valid, baselines=names)),
         -1,
         0,
     )
@@ -446,17 +453,17 @@ def test_ocb_relations():
     assert np.any((n == 1) & valid)  # the data holds singleton strata
     # one stratum for everybody: OCB is the group mean
     same_o = np.zeros_like(o)
-    a = blockwise(r, same_o, valid, baselines=("ocb", "ocb"))
-    np.testing.assert_array_equal(a, blockwise(r, same_o, valid, baselines=("group_mean",) * 2))
+    a = bw(r, same_o, valid, baselines=("ocb", "ocb"))
+    np.testing.assert_array_equal(a, bw(r, same_o, valid, baselines=("group_mean",) * 2))
     # outcome labels are arbitrary integers: relabelling changes nothing; bool works
     relabelled = np.where(o == 0, -7, o * 1000)
     np.testing.assert_array_equal(
-        blockwise(r, relabelled, valid, baselines=("ocb", "ocb")),
-        blockwise(r, o, valid, baselines=("ocb", "ocb")),
+        bw(r, relabelled, valid, baselines=("ocb", "ocb")),
+        bw(r, o, valid, baselines=("ocb", "ocb")),
     )
     np.testing.assert_array_equal(
-        blockwise(r, o == 1, valid, baselines=("ocb", "ocb")),
-        blockwise(r, o, valid, baselines=("ocb", "ocb")),
+        bw(r, o == 1, valid, baselines=("ocb", "ocb")),
+        bw(r, o, valid, baselines=("ocb", "ocb")),
     )
 
 
@@ -464,15 +471,15 @@ def test_ocb_relations():
 def test_ocb_shrink_limits(std_normalize):
     r, o, valid = random_block_batch(4, K=2, num_outcomes=3)
     kw = dict(std_normalize=std_normalize)
-    ocb = blockwise(r, o, valid, baselines=("ocb", "ocb"), **kw)
-    k0 = blockwise(r, o, valid, baselines=("ocb_shrink",) * 2, ocb_kappa=0.0, **kw)
+    ocb = bw(r, o, valid, baselines=("ocb", "ocb"), **kw)
+    k0 = bw(r, o, valid, baselines=("ocb_shrink",) * 2, ocb_kappa=0.0, **kw)
     np.testing.assert_array_equal(k0, ocb)
-    gm = blockwise(r, o, valid, baselines=("group_mean",) * 2, **kw)
-    kbig = blockwise(r, o, valid, baselines=("ocb_shrink",) * 2, ocb_kappa=1e7, **kw)
+    gm = bw(r, o, valid, baselines=("group_mean",) * 2, **kw)
+    kbig = bw(r, o, valid, baselines=("ocb_shrink",) * 2, ocb_kappa=1e7, **kw)
     np.testing.assert_allclose(kbig, gm, rtol=1e-4, atol=1e-5)
     # the default kappa keeps singleton strata alive: half the deviation from the group mean
     rewards, outcomes = _bae_example([1, 0, 0, 0], [0.3, 0.1, 0.5, 0.9])
-    a = np.asarray(blockwise(rewards, outcomes, baselines=("group_mean", "ocb_shrink")))
+    a = np.asarray(bw(rewards, outcomes, baselines=("group_mean", "ocb_shrink")))
     group_dev = rewards[0, 0, 1] - rewards[0, :, 1].mean()
     assert adv_lib.DEFAULT_OCB_KAPPA == 1.0
     np.testing.assert_allclose(a[0, 0, 1], 0.5 * group_dev, atol=ATOL)
@@ -481,38 +488,39 @@ def test_ocb_shrink_limits(std_normalize):
 def test_blockwise_ignores_invalid_samples():
     r, o, valid = random_block_batch(5, K=3)
     names = ("batch_mean", "ocb_shrink", "ocb_loo")
-    a = blockwise(r, o, valid, baselines=names, std_normalize=True)
+    a = bw(r, o, valid, baselines=names, std_normalize=True)
     r2, o2 = r.copy(), o.copy()
     r2[~valid] = 1e6
     o2[~valid] = 0
-    np.testing.assert_array_equal(a, blockwise(r2, o2, valid, baselines=names, std_normalize=True))
+    np.testing.assert_array_equal(a, bw(r2, o2, valid, baselines=names, std_normalize=True))
 
 
-@pytest.mark.parametrize("name", BLOCK_MODES)
 @pytest.mark.parametrize("std_normalize", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
-def test_blockwise_degenerate_inputs(name, std_normalize, eps):
-    kw = dict(baselines=(name,), std_normalize=std_normalize, eps=eps)
-    o = np.zeros((2, 3, 1), np.int32)
-    flat = np.full((2, 3, 1), 0.1, np.float32)
-    a = np.asarray(blockwise(flat, o, **kw))
-    if name == "none":
-        np.testing.assert_allclose(a, 1.0 if std_normalize else 0.1, rtol=RTOL)
-    else:
-        assert np.all(a == 0)
-    none_valid = np.zeros((2, 3), bool)
-    assert np.all(np.asarray(blockwise(flat, o, none_valid, **kw)) == 0)
-    one_valid = np.array([[True, False, False], [False, False, True]])
-    a = np.asarray(
-        blockwise(
-            np.random.default_rng(0).normal(size=(2, 3, 1)).astype(np.float32), o, one_valid, **kw
-        )
-    )
-    assert np.all(np.isfinite(a))
-    if name not in ("none", "batch_mean"):  # a batch of two valid samples is not degenerate
-        assert np.all(a == 0)
-    zeros = np.zeros((2, 3, 1), np.float32)
-    assert np.all(np.asarray(blockwise(zeros, o, **kw)) == 0)
+def test_blockwise_degenerate_inputs(std_normalize, eps):
+    kw = dict(baselines=BLOCK_MODES, std_normalize=std_normalize, eps=eps)
+    K = len(BLOCK_MODES)
+    o = np.zeros((4, 3, K), np.int32)
+    o[:, 1] = 1  # strata of one and two samples
+    # groups: all equal; no valid sample; one valid sample; all zero
+    r = np.random.default_rng(0).normal(size=(4, 3, K)).astype(np.float32)
+    r[0] = 0.1
+    r[3] = 0.0
+    valid = np.array([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1]], bool)
+    a = np.asarray(bw(r, o, valid, **kw))
+    assert np.all(np.isfinite(a)) and np.all(a[~valid] == 0)
+    group_based = [BLOCK_MODES.index(n) for n in ("group_mean", "ocb", "ocb_loo", "ocb_shrink")]
+    assert np.all(a[:, :, group_based] == 0)
+    assert np.all(a[:, 1, BLOCK_MODES.index("ocb")] == 0)  # singleton strata
+    assert np.all(a[3][:, [BLOCK_MODES.index("none")] + group_based] == 0)  # zero rewards
+    # the whole batch degenerate: all equal, all invalid, all zero
+    flat = np.asarray(bw(np.full_like(r, 0.1), o, None, **kw))
+    none = BLOCK_MODES.index("none")
+    want = 0.1 / (0.1 + eps) if std_normalize else 0.1  # raw reward / its RMS (+ eps)
+    np.testing.assert_allclose(flat[..., none], want, rtol=RTOL)
+    assert np.all(np.delete(flat, none, axis=-1) == 0)
+    assert np.all(np.asarray(bw(r, o, np.zeros_like(valid), **kw)) == 0)
+    assert np.all(np.asarray(bw(np.zeros_like(r), o, None, **kw)) == 0)
 
 
 def test_blockwise_jit_vmap_and_stop_gradient():
@@ -528,7 +536,7 @@ def test_blockwise_jit_vmap_and_stop_gradient():
     assert jitted._cache_size() == 1
     np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(fn))(r, o, valid)), eager, RTOL, ATOL)
     clean = np.nan_to_num(r[0])
-    grad = jax.grad(lambda x: jnp.sum(fn(x, o[0], valid[0]) * x))(jnp.asarray(clean))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, o[0], valid[0]) * x)))(jnp.asarray(clean))
     np.testing.assert_allclose(np.asarray(grad), np.asarray(fn(clean, o[0], valid[0])), RTOL, ATOL)
 
 
@@ -641,7 +649,7 @@ def test_token_helpers_jit_and_vmap():
 def test_bae_pipeline_end_to_end():
     """Block advantages -> [N, K] -> per-token advantages and weights for the loss."""
     rewards, outcomes = _bae_example([1, 1, 0, 0], [0.9, 0.6, 0.2, 0.7])
-    a = flatten_groups(blockwise(rewards, outcomes, baselines=("group_mean", "ocb")))  # [4, 2]
+    a = flatten_groups(bw(rewards, outcomes, baselines=("group_mean", "ocb")))  # [4, 2]
     ids = np.array(
         [
             [-1, 0, 0, 0, 1, 1, -1],
