@@ -294,18 +294,18 @@ def test_all_equal_guard_leaves_rounding_error_naively():
 
 
 @pytest.mark.parametrize("baseline,scale,ddof", GROUP_MODES)
-@pytest.mark.parametrize("eps", [0.0, 1e-6])
-def test_degenerate_groups_give_exact_zero(baseline, scale, ddof, eps):
+def test_degenerate_groups_give_exact_zero(baseline, scale, ddof):
+    # eps = 1e-6: where dividing rounding error by (0 + eps) would give a small non-zero value
     r, valid = _degenerate_groups()
-    kw = dict(baseline=baseline, scale=scale, std_ddof=ddof, eps=eps)
+    kw = dict(baseline=baseline, scale=scale, std_ddof=ddof, eps=1e-6)
     assert np.all(np.asarray(gr(r, valid, **kw)) == 0)
     assert np.all(np.asarray(gr(r, np.zeros_like(valid), **kw)) == 0)
     assert np.all(np.asarray(gr(np.full_like(r, 0.1), None, **kw)) == 0)
 
 
 @pytest.mark.parametrize("baseline,scale,ddof", GROUP_MODES)
-@pytest.mark.parametrize("eps", [0.0, 1e-6])
-def test_no_nan_or_inf_from_degenerate_input(baseline, scale, ddof, eps):
+def test_no_nan_or_inf_from_degenerate_input(baseline, scale, ddof):
+    eps = 0.0  # the strictest setting: any unguarded 0 / 0 or x / 0 would show
     r, valid = random_group_batch(7)
     r[~valid] = np.nan
     r[5, :3] = [1e-38, 2e-38, 0.0]  # subnormal spread
