@@ -15,11 +15,11 @@ with row ``n = p * G + g``; ``flatten_groups`` turns ``[P, G, ...]`` into ``[N, 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgrpo.core.masked import (
     masked_all_equal,
@@ -36,6 +36,9 @@ OCB_BASELINES = ("ocb", "ocb_loo", "ocb_shrink")
 # Weight of the group mean in "ocb_shrink", in pseudo-samples: lam = n / (n + kappa).
 DEFAULT_OCB_KAPPA = 1.0
 
+_INTS = (int, np.integer)
+_REALS = (int, float, np.integer, np.floating)
+
 
 # --------------------------------------------------------------------------------------------
 # Validation (trace time, before compile)
@@ -49,7 +52,7 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 
 def _check_nonneg_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, _REALS):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     if not (value >= 0 and value != float("inf")):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
@@ -57,7 +60,7 @@ def _check_nonneg_number(name: str, value) -> float:
 
 
 def _check_ddof(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or not isinstance(value, _INTS):
         raise TypeError(f"std_ddof must be a Python int (0 or 1), got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"std_ddof must be >= 0, got {value}")
@@ -370,7 +373,7 @@ def flatten_groups(x: jax.Array) -> jax.Array:
 def unflatten_groups(x: jax.Array, group_size: int) -> jax.Array:
     """``[N, ...] -> [N // G, G, ...]``, the inverse of ``flatten_groups``."""
     x = jnp.asarray(x)
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+    if isinstance(group_size, bool) or not isinstance(group_size, _INTS):
         raise TypeError(f"group_size must be a Python int, got {type(group_size).__name__}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -467,7 +470,7 @@ def block_token_weights(
     Returns:
       Float32 ``[N, T]``.
     """
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, _INTS):
         raise TypeError(f"num_blocks must be a Python int, got {type(num_blocks).__name__}")
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
