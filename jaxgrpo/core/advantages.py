@@ -379,7 +379,8 @@ def unflatten_groups(x: jax.Array, group_size: int) -> jax.Array:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if x.ndim < 1 or x.shape[0] % group_size:
         raise ValueError(
-            f"x must have a leading axis N divisible by group_size={group_size}, got shape {x.shape}"
+            f"x must have a leading axis N divisible by group_size={group_size}, "
+            f"got shape {x.shape}"
         )
     return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
 

@@ -1,4 +1,4 @@
-"""Tests for jaxgrpo.core.advantages against NumPy loop references, peers' formulas and the BAE spec."""
+"""Tests for jaxgrpo.core.advantages: NumPy loop references, peers' formulas, the BAE spec."""
 
 import functools
 import itertools
@@ -169,7 +169,8 @@ def test_group_relative_default_is_grpo_population_zscore():
     np.testing.assert_allclose(got[0], [1, -1, -1, 1], rtol=RTOL, atol=ATOL)
 
 
-# Peers' formulas, transcribed in NumPy from the descriptions in specs/peers.md §1.2, §3.2, §4.2, §5.2.
+# Peers' formulas, transcribed in NumPy from specs/peers.md §1.2, §3.2, §4.2, §5.2 (and, for
+# TRL's scale_rewards="batch", its GRPOTrainer: group-mean numerator over rewards.std()).
 
 
 def tunix_grpo(r_flat, G):  # algo_core grpo: np.std ddof=1, +1e-6, contiguous groups
