@@ -14,7 +14,8 @@ needs it. A task that cannot be pickled (e.g. a lambda-based custom task) is sco
 parent, without a time limit.
 
 Limits: ``timeout_s`` per call (default 2 s), ``workers`` processes (default 2). Starting a worker
-costs about 0.2-0.5 s; the module-level default pool (``score_many(..., pool=None)``) is reused
+costs about 0.3-1 s and is not counted against any item's time limit (a worker that is not ready
+after 60 s gives ``error="worker failed to start"``); the module-level default pool (``score_many(..., pool=None)``) is reused
 across calls and closed at interpreter exit.
 """
 
@@ -32,11 +33,13 @@ from jaxgrpo.tasks.base import Score, Task, error_score, sanitize
 
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_WORKERS = 2
+STARTUP_TIMEOUT_S = 60.0
 
 
 def _worker_main(conn) -> None:
     """Worker loop: receives ``(task_id, task_bytes | None, record, completion)``, replies."""
     tasks: dict[int, Task] = {}
+    conn.send("ready")
     while True:
         try:
             msg = conn.recv()
@@ -65,8 +68,17 @@ class _Worker:
         self.proc.start()
         child.close()
         self.known: set[int] = set()
-        self.job: int | None = None
         self.deadline = 0.0
+        self.ready = False
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
+        """Waits for the worker's start-up message (imports happen before any deadline)."""
+        if not self.ready:
+            try:
+                self.ready = self.conn.poll(timeout_s) and self.conn.recv() == "ready"
+            except (EOFError, OSError):
+                self.ready = False
+        return self.ready
 
     def kill(self) -> None:
         try:
@@ -161,6 +173,11 @@ class VerifierPool:
             while pending:
                 i = pending.popleft()
                 w, task = self._workers[w_idx], tasks[i]
+                if not w.wait_ready():
+                    results[i] = error_score("worker failed to start",
+                                             num_blocks=task.num_blocks)
+                    self._replace(w_idx)
+                    continue
                 key = id(task)
                 blob = None if key in w.known else self._blobs[key]
                 try:
