@@ -122,6 +122,11 @@ class ReasoningGymTask(Task):
                 return False
         return True
 
+    def warmup(self) -> None:
+        import reasoning_gym
+
+        self._score_fn = reasoning_gym.get_score_answer_fn(self.rg_name)
+
     def check_answer(self, record: dict, answer: str) -> bool:
         return self._rg_score(record, answer.strip()) >= 1.0
 
@@ -205,6 +210,11 @@ class MathFileTask(Task):
 
         logging.getLogger("math_verify").setLevel(logging.ERROR)
         return math_verify
+
+    def warmup(self) -> None:
+        mv = self._mv()
+        mv.verify(mv.parse("$1$", parsing_timeout=None), mv.parse("$1$", parsing_timeout=None),
+                  timeout_seconds=None)
 
     def _gold(self, answer: str):
         if answer not in self._gold_cache:

@@ -147,6 +147,8 @@ class Task:
     max_completion_chars: int = DEFAULT_MAX_COMPLETION_CHARS
     #: number of block rewards in ``Score.blocks`` (0: no blocks).
     num_blocks: int = 0
+    #: ``verify`` takes a keyword ``truncated`` (the completion hit the length limit).
+    uses_truncation: bool = False
 
     def dataset(self, split: str = "train", seed: int = 0) -> Sequence[dict]:
         raise NotImplementedError
@@ -165,12 +167,19 @@ class Task:
         """Scores a completion. May raise; ``score`` turns that into an error score."""
         raise NotImplementedError
 
+    def warmup(self) -> None:
+        """Heavy one-off set-up (imports); the verifier pool calls it outside any time limit."""
+
     def check_answer(self, record: dict, answer: str) -> bool:
         """Whether an extracted answer text is correct (used by structured formats)."""
         return bool(self.verify(record, answer).correct)
 
-    def score(self, record: dict, completion: str) -> Score:
-        """Scores ``completion`` for ``record``. Never raises; the reward is always finite."""
+    def score(self, record: dict, completion: str, *, truncated: bool = False) -> Score:
+        """Scores ``completion`` for ``record``. Never raises; the reward is always finite.
+
+        ``truncated`` (the completion ended at the length limit, without EOS) is passed on to
+        tasks with ``uses_truncation`` (the structured formats) and ignored by the others.
+        """
         if not isinstance(completion, str):
             return error_score(f"completion must be str, got {type(completion).__name__}",
                                num_blocks=self.num_blocks)
@@ -178,7 +187,10 @@ class Task:
             return error_score(f"completion longer than {self.max_completion_chars} chars",
                                num_blocks=self.num_blocks)
         try:
-            result = self.verify(record, completion)
+            if self.uses_truncation:
+                result = self.verify(record, completion, truncated=bool(truncated))
+            else:
+                result = self.verify(record, completion)
         except RecursionError:
             return error_score("RecursionError", num_blocks=self.num_blocks)
         except Exception as e:  # noqa: BLE001 - a verifier failure is a counted error, not a crash

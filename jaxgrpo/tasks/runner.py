@@ -10,7 +10,7 @@ example by running out of memory) gives ``error="worker died"`` and is replaced 
 Cheap checks run in the parent before anything is sent: a completion that is not a ``str`` or
 is longer than ``task.max_completion_chars`` (default 20,000) gets an error score at once.
 Each task object is pickled once per pool and sent to a worker only the first time that worker
-needs it. A task that cannot be pickled (e.g. a lambda-based custom task) is scored in the
+needs it; the worker then calls ``task.warmup()`` (heavy imports) before any deadline starts. A task that cannot be pickled (e.g. a lambda-based custom task) is scored in the
 parent, without a time limit.
 
 Limits: ``timeout_s`` per call (default 2 s), ``workers`` processes (default 2). Starting a worker
@@ -37,7 +37,12 @@ STARTUP_TIMEOUT_S = 60.0
 
 
 def _worker_main(conn) -> None:
-    """Worker loop: receives ``(task_id, task_bytes | None, record, completion)``, replies."""
+    """Worker loop.
+
+    Messages: ``("load", task_id, task_bytes)`` -> unpickle and ``warmup()``, reply "loaded";
+    ``("score", task_id, record, completion, truncated)`` -> reply the score as a tuple;
+    ``None`` -> exit.
+    """
     tasks: dict[int, Task] = {}
     conn.send("ready")
     while True:
@@ -47,16 +52,24 @@ def _worker_main(conn) -> None:
             return
         if msg is None:
             return
-        task_id, blob, record, completion = msg
+        if msg[0] == "load":
+            try:
+                task = pickle.loads(msg[2])
+                task.warmup()
+                tasks[msg[1]] = task
+                reply = "loaded"
+            except BaseException as e:  # noqa: BLE001
+                reply = f"load failed: {type(e).__name__}: {str(e)[:200]}"
+        else:
+            _, task_id, record, completion, truncated = msg
+            try:
+                s = tasks[task_id].score(record, completion, truncated=truncated)
+                reply = (s.reward, s.correct, s.format_ok, s.error, s.blocks, s.confidence)
+            except BaseException as e:  # noqa: BLE001 - report, never die on a bad item
+                reply = (0.0, False, False, f"worker: {type(e).__name__}: {str(e)[:200]}", (),
+                         None)
         try:
-            if blob is not None:
-                tasks[task_id] = pickle.loads(blob)
-            s = tasks[task_id].score(record, completion)
-            out = (s.reward, s.correct, s.format_ok, s.error, s.blocks, s.confidence)
-        except BaseException as e:  # noqa: BLE001 - report, never die on a bad item
-            out = (0.0, False, False, f"worker: {type(e).__name__}: {str(e)[:200]}", (), None)
-        try:
-            conn.send(out)
+            conn.send(reply)
         except (EOFError, OSError):
             return
 
@@ -79,6 +92,22 @@ class _Worker:
             except (EOFError, OSError):
                 self.ready = False
         return self.ready
+
+    def load(self, key: int, blob: bytes) -> str | None:
+        """Sends a task and waits (start-up time limit) for it to load; an error or None."""
+        if key in self.known:
+            return None
+        try:
+            self.conn.send(("load", key, blob))
+            if not self.conn.poll(STARTUP_TIMEOUT_S):
+                return "task load timed out"
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            return "worker died while loading the task"
+        if reply != "loaded":
+            return str(reply)
+        self.known.add(key)
+        return None
 
     def kill(self) -> None:
         try:
@@ -137,12 +166,23 @@ class VerifierPool:
             self._workers.append(_Worker(self._ctx))
 
     def score(self, tasks: Task | Sequence[Task], records: Sequence[dict],
-              completions: Sequence[str]) -> list[Score]:
-        """Scores ``completions[i]`` against ``records[i]`` with ``tasks[i]`` (or one task)."""
+              completions: Sequence[str], *,
+              truncated: Sequence[bool] | None = None) -> list[Score]:
+        """Scores ``completions[i]`` against ``records[i]`` with ``tasks[i]`` (or one task).
+
+        ``truncated[i]``: completion i hit the length limit (see ``Task.score``).
+        """
         n = len(records)
         if len(completions) != n:
             raise ValueError(f"records and completions must have the same length, "
                              f"got {n} and {len(completions)}")
+        truncated = [False] * n if truncated is None else [bool(t) for t in truncated]
+        if len(truncated) != n:
+            raise ValueError(f"truncated must have one flag per record, got {len(truncated)}")
+        if len(self._blobs) > 256:  # many short-lived task objects: start the caches afresh
+            self.close()
+            self._blobs.clear()
+            self._task_refs.clear()
         if isinstance(tasks, Task):
             tasks = [tasks] * n
         elif len(tasks) != n:
@@ -155,17 +195,17 @@ class VerifierPool:
             if not isinstance(completion, str) or len(completion) > task.max_completion_chars:
                 results[i] = task.score(records[i], completion)  # the cheap error path
             elif self._blob(task) is None:
-                results[i] = task.score(records[i], completion)
+                results[i] = task.score(records[i], completion, truncated=truncated[i])
             else:
                 pending.append(i)
         if pending:
-            self._run(tasks, records, completions, pending, results)
+            self._run(tasks, records, completions, truncated, pending, results)
         for s in results:
             if s is not None and s.error:
                 self.errors[s.error.split(":")[0].split(" ")[0]] += 1
         return results  # type: ignore[return-value]
 
-    def _run(self, tasks, records, completions, pending, results) -> None:
+    def _run(self, tasks, records, completions, truncated, pending, results) -> None:
         self._ensure_workers()
         busy: dict[int, int] = {}  # worker index -> item index
 
@@ -179,14 +219,17 @@ class VerifierPool:
                     self._replace(w_idx)
                     continue
                 key = id(task)
-                blob = None if key in w.known else self._blobs[key]
+                err = w.load(key, self._blobs[key])
+                if err is not None:
+                    results[i] = error_score(f"worker: {err}", num_blocks=task.num_blocks)
+                    self._replace(w_idx)
+                    continue
                 try:
-                    w.conn.send((key, blob, records[i], completions[i]))
+                    w.conn.send(("score", key, records[i], completions[i], truncated[i]))
                 except (OSError, EOFError, ValueError):
                     self._replace(w_idx)
                     pending.appendleft(i)
                     continue
-                w.known.add(key)
                 w.deadline = time.monotonic() + self.timeout_s
                 busy[w_idx] = i
                 return
@@ -248,7 +291,8 @@ def _close_default_pools() -> None:
 
 def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
                completions: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
-               workers: int = DEFAULT_WORKERS, pool: VerifierPool | None = None) -> list[Score]:
+               workers: int = DEFAULT_WORKERS, pool: VerifierPool | None = None,
+               truncated: Sequence[bool] | None = None) -> list[Score]:
     """Scores completions in order, each call under ``timeout_s`` in a worker process.
 
     Args:
@@ -258,6 +302,8 @@ def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
       timeout_s: per-call time limit in seconds.
       workers: worker processes; 0 scores in this process (no time limit).
       pool: a pool to use; by default a shared pool per ``(workers, timeout_s)`` is reused.
+      truncated: per item, whether the completion hit the length limit (no EOS); used by the
+        structured formats (``bae.md`` §10 item 5).
 
     Returns:
       One :class:`Score` per item, in input order. Never raises for bad completions.
@@ -265,15 +311,17 @@ def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
     if workers == 0 and pool is None:
         if isinstance(task_or_tasks, Task):
             task_or_tasks = [task_or_tasks] * len(records)
-        if not len(task_or_tasks) == len(records) == len(completions):
-            raise ValueError("tasks, records and completions must have the same length")
-        return [t.score(r, c) for t, r, c in zip(task_or_tasks, records, completions, strict=True)]
+        flags = [False] * len(records) if truncated is None else list(truncated)
+        if not len(task_or_tasks) == len(records) == len(completions) == len(flags):
+            raise ValueError("tasks, records, completions and truncated must have the same length")
+        return [t.score(r, c, truncated=f)
+                for t, r, c, f in zip(task_or_tasks, records, completions, flags, strict=True)]
     if pool is None:
         key = (workers, float(timeout_s))
         if key not in _DEFAULT_POOLS:
             _DEFAULT_POOLS[key] = VerifierPool(workers=workers, timeout_s=timeout_s)
         pool = _DEFAULT_POOLS[key]
-    return pool.score(task_or_tasks, records, completions)
+    return pool.score(task_or_tasks, records, completions, truncated=truncated)
 
 
 def count_errors(scores: Sequence[Score]) -> dict[str, int]:

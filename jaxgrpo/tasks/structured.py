@@ -289,6 +289,7 @@ class StructuredTask(Task):
     """
 
     num_blocks = 2
+    uses_truncation = True
 
     def __init__(self, base: str | Task, *, format: str = "confidence",  # noqa: A002
                  on_malformed: str = "empty_block", conf_reward: str = "brier",
@@ -311,6 +312,9 @@ class StructuredTask(Task):
         self.name = f"{format}:{self.base.name}"
         self.description = f"{self.base.name} in the {format} block format"
         self.max_completion_chars = self.base.max_completion_chars
+
+    def warmup(self) -> None:
+        self.base.warmup()
 
     def dataset(self, split: str = "train", seed: int = 0):
         return self.base.dataset(split=split, seed=seed)

@@ -170,3 +170,16 @@ def test_tokenize_blocks_with_a_character_level_fast_tokenizer():
     assert len(ids) == len(GOOD)
     expect = [0] * p.split + [1] * (len(GOOD) - p.split) + [-1] * 3
     assert blocks.tolist() == expect
+
+
+def test_truncated_flag_reaches_the_parser_through_score_many():
+    from jaxgrpo.tasks import score_many
+
+    task = StructuredTask("addition@1", on_malformed="worst_score")
+    cut = "<reasoning>r</reasoning><answer>42</answer><analysis>still thinking"
+    for workers in (0, 1):
+        s = score_many([task, get_task("addition")], [REC, REC], [cut, "42\n"], workers=workers,
+                       truncated=[True, True])
+        assert s[0].blocks == (1.0, -1.0) and s[0].correct and s[1].correct
+    assert task.parse(cut, truncated=True).status == "truncated"
+    assert task.parse(cut).status == "no_confidence"
