@@ -11,7 +11,7 @@ task          prompt -> gold completion    levels 1 / 2 / 3
 reverse       ``reverse abcd=`` -> ``dcba``  3-4 / 5-7 / 8-12 lowercase letters
 sort          ``sort dbca=`` -> ``abcd``     3-4 / 5-7 / 8-12 lowercase letters
 addition      ``12+345=`` -> ``357``         1-2 / 3 / 5 digit operands
-countdown     ``make 22 from 3 5 7=``        2 numbers in 1-9 / 3 in 1-9 / 4 in 1-20; each number
+countdown     ``make 22 from 3 5 7=``        2 numbers in 1-20 / 3 in 1-9 / 4 in 1-20; each number
               -> ``3*5+7``                   used exactly once with + - * / and parentheses
 ============  ===========================  ====================================================
 
@@ -147,7 +147,7 @@ class CountdownTask(ProceduralTask):
                    "(levels 1-3: 2, 3, 4 numbers)")
     instruction = ("Combine the numbers with + - * / and parentheses, each exactly once, to make "
                    "the target. Reply with the expression only.")
-    levels = {1: {"n": 2, "max": 9}, 2: {"n": 3, "max": 9}, 3: {"n": 4, "max": 20}}
+    levels = {1: {"n": 2, "max": 20}, 2: {"n": 3, "max": 9}, 3: {"n": 4, "max": 20}}
     #: limits for parsing a candidate expression (see jaxgrpo.tasks.safe_arith).
     limits = {"max_chars": 120, "max_tokens": 60, "max_depth": 12, "max_digits": 6,
               "max_bits": 128, "allow_pow": False}

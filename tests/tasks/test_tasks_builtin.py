@@ -143,3 +143,9 @@ def test_score_never_raises_and_is_finite():
     assert _Recurses().score({}, "x").error == "RecursionError"
     assert "must be str" in get_task("addition").score({}, None).error
     assert "longer than" in get_task("addition").score({}, "1" * 10**6).error
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_eval_split_is_not_degenerate(spec):
+    ev = get_task(spec).dataset("eval", seed=0)
+    assert len({ev[i]["question"] for i in range(1000)}) >= 50
