@@ -26,6 +26,7 @@ import collections
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import pickle
+import threading
 import time
 from collections.abc import Sequence
 
@@ -150,6 +151,7 @@ class VerifierPool:
         self._blobs: dict[int, bytes | None] = {}
         self._task_refs: dict[int, Task] = {}  # keeps ids stable while cached
         self.errors: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()  # one batch at a time; concurrent callers queue up
 
     def _blob(self, task: Task) -> bytes | None:
         key = id(task)
@@ -171,7 +173,12 @@ class VerifierPool:
         """Scores ``completions[i]`` against ``records[i]`` with ``tasks[i]`` (or one task).
 
         ``truncated[i]``: completion i hit the length limit (see ``Task.score``).
+        Thread-safe: concurrent calls are served one after another.
         """
+        with self._lock:
+            return self._score(tasks, records, completions, truncated)
+
+    def _score(self, tasks, records, completions, truncated) -> list[Score]:
         n = len(records)
         if len(completions) != n:
             raise ValueError(f"records and completions must have the same length, "
@@ -267,7 +274,7 @@ class VerifierPool:
         self._workers[w_idx] = _Worker(self._ctx)
 
     def close(self) -> None:
-        """Stops all workers."""
+        """Stops all workers (the pool restarts them if used again)."""
         for w in self._workers:
             w.stop()
         self._workers = []

@@ -102,3 +102,21 @@ def test_timeout_is_enforced_promptly():
         start = time.monotonic()
         s = p.score(Sleepy(), [{"i": 0}], ["hang"])[0]
         assert s.error.startswith("timeout") and time.monotonic() - start < 5.0
+
+
+def test_concurrent_callers_get_their_own_results(pool):
+    import threading
+
+    task = Sleepy()
+    out = {}
+
+    def call(k):
+        out[k] = pool.score(task, [{"i": k * 100 + j} for j in range(25)], ["ok"] * 25)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(3):
+        assert [s.reward for s in out[k]] == [float(k * 100 + j) for j in range(25)]
