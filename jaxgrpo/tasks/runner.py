@@ -10,8 +10,8 @@ example by running out of memory) gives ``error="worker died"`` and is replaced 
 Cheap checks run in the parent before anything is sent: a completion that is not a ``str`` or
 is longer than ``task.max_completion_chars`` (default 20,000) gets an error score at once.
 Each task object is pickled once per pool and sent to a worker only the first time that worker
-needs it; the worker then calls ``task.warmup()`` (heavy imports) before any deadline starts. A task that cannot be pickled (e.g. a lambda-based custom task) is scored in the
-parent, without a time limit.
+needs it; the worker then calls ``task.warmup()`` (heavy imports) before any deadline starts. A task that cannot be pickled (e.g. a lambda-based custom task), or whose class cannot be
+imported in a worker, is scored in the parent, without a time limit.
 
 Limits: ``timeout_s`` per call (default 2 s), ``workers`` processes (default 2). Starting a worker
 costs about 0.3-1 s and is not counted against any item's time limit (a worker that is not ready
@@ -150,6 +150,7 @@ class VerifierPool:
         self._workers: list[_Worker] = []
         self._blobs: dict[int, bytes | None] = {}
         self._task_refs: dict[int, Task] = {}  # keeps ids stable while cached
+        self._load_failed: set[int] = set()
         self.errors: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()  # one batch at a time; concurrent callers queue up
 
@@ -190,6 +191,7 @@ class VerifierPool:
             self.close()
             self._blobs.clear()
             self._task_refs.clear()
+            self._load_failed.clear()
         if isinstance(tasks, Task):
             tasks = [tasks] * n
         elif len(tasks) != n:
@@ -226,7 +228,16 @@ class VerifierPool:
                     self._replace(w_idx)
                     continue
                 key = id(task)
+                if key in self._load_failed:
+                    results[i] = task.score(records[i], completions[i], truncated=truncated[i])
+                    continue
                 err = w.load(key, self._blobs[key])
+                if err is not None and err.startswith("load failed"):
+                    # the task cannot be rebuilt in a worker (e.g. its class is not importable
+                    # there): score it in this process, without a time limit
+                    self._load_failed.add(key)
+                    results[i] = task.score(records[i], completions[i], truncated=truncated[i])
+                    continue
                 if err is not None:
                     results[i] = error_score(f"worker: {err}", num_blocks=task.num_blocks)
                     self._replace(w_idx)

@@ -120,3 +120,25 @@ def test_concurrent_callers_get_their_own_results(pool):
         t.join()
     for k in range(3):
         assert [s.reward for s in out[k]] == [float(k * 100 + j) for j in range(25)]
+
+
+class FailsInWorker(Task):
+    """Pickles fine but cannot be rebuilt in another process."""
+
+    name = "fails_in_worker"
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __setstate__(self, state):
+        if os.getpid() != state["parent"]:
+            raise RuntimeError("cannot load here")
+        self.__dict__.update(state)
+
+    def verify(self, record, completion):
+        return Score(float(os.getpid() == self.parent), True, True)
+
+
+def test_task_that_cannot_load_in_a_worker_is_scored_inline(pool):
+    got = pool.score(FailsInWorker(), [{}] * 5, ["x"] * 5)
+    assert [s.reward for s in got] == [1.0] * 5 and all(s.error is None for s in got)
