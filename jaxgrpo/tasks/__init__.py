@@ -10,7 +10,12 @@ from jaxgrpo.tasks import adapters as _adapters  # noqa: F401  (registers the ad
 from jaxgrpo.tasks.base import Score, Task, get_task, list_tasks, parse_spec, register_task
 from jaxgrpo.tasks.builtin import MIXTURES
 from jaxgrpo.tasks.runner import VerifierPool, count_errors, score_many, scores_to_arrays
-from jaxgrpo.tasks.structured import StructuredTask, parse_structured, token_block_ids
+from jaxgrpo.tasks.structured import (
+    StructuredTask,
+    completion_block_ids,
+    parse_structured,
+    token_block_ids,
+)
 
 __all__ = [
     "MIXTURES",
@@ -18,6 +23,7 @@ __all__ = [
     "Task",
     "StructuredTask",
     "VerifierPool",
+    "completion_block_ids",
     "count_errors",
     "get_task",
     "list_tasks",

@@ -371,3 +371,31 @@ register_task("confidence", _structured_factory("confidence"),
               description="a base task (option base=SPEC) with <answer> + <confidence> blocks")
 register_task("two_attempt", _structured_factory("two_attempt"),
               description="a base task (option base=SPEC) answered in two attempts (two blocks)")
+
+
+def completion_block_ids(task: StructuredTask, completions: Sequence[str],
+                         offsets: Sequence[Sequence[Sequence[int]]], *, length: int,
+                         eos_index: Sequence[int | None] | None = None,
+                         truncated: Sequence[bool] | None = None) -> np.ndarray:
+    """Block ids ``[N, T]`` (int32, -1 outside blocks) for a batch of completions.
+
+    Args:
+      task: the structured task (its format and ``on_malformed`` decide the spans).
+      completions: N completion texts.
+      offsets: per completion, the token character offsets (as for :func:`token_block_ids`).
+      length: T.
+      eos_index: per completion, the EOS position or ``None``.
+      truncated: per completion, whether it hit the length limit.
+    """
+    n = len(completions)
+    if len(offsets) != n:
+        raise ValueError(f"offsets must have one entry per completion, got {len(offsets)} for {n}")
+    eos = [None] * n if eos_index is None else list(eos_index)
+    cut = [False] * n if truncated is None else list(truncated)
+    if len(eos) != n or len(cut) != n:
+        raise ValueError("eos_index and truncated must have one entry per completion")
+    ids_NxT = np.full((n, length), -1, dtype=np.int32)
+    for i, text in enumerate(completions):
+        spans = task.parse(text, truncated=cut[i]).spans(on_malformed=task.on_malformed)
+        ids_NxT[i] = token_block_ids(spans, offsets[i], length=length, eos_index=eos[i])
+    return ids_NxT

@@ -183,3 +183,20 @@ def test_truncated_flag_reaches_the_parser_through_score_many():
         assert s[0].blocks == (1.0, -1.0) and s[0].correct and s[1].correct
     assert task.parse(cut, truncated=True).status == "truncated"
     assert task.parse(cut).status == "no_confidence"
+
+
+def test_completion_block_ids_batch_matches_a_loop():
+    from jaxgrpo.tasks.structured import completion_block_ids
+
+    task = StructuredTask("addition@1")  # empty_block: a missing confidence block gets -1
+    texts = [GOOD, "<answer>42</answer><analysis>x", "nothing"]
+    offsets = [[(j, j + 1) for j in range(len(t))] for t in texts]
+    T = max(len(t) for t in texts) + 1
+    ids = completion_block_ids(task, texts, offsets, length=T,
+                               eos_index=[len(GOOD), None, None], truncated=[False, True, False])
+    assert ids.shape == (3, T) and ids.dtype == np.int32
+    split = GOOD.index("<analysis>")
+    assert ids[0].tolist() == [0] * split + [1] * (len(GOOD) - split + 1) + [-1] * (T - len(GOOD) - 1)
+    cut = texts[1].index("<analysis>")
+    assert ids[1].tolist() == [0] * cut + [-1] * (T - cut)
+    assert ids[2].tolist() == [0] * len("nothing") + [-1] * (T - len("nothing"))
