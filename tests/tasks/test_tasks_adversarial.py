@@ -87,6 +87,9 @@ def test_corpus_through_the_python_api():
         assert s.error is None or not s.error.startswith(("timeout", "worker")), (c[:80], s)
     assert sum(s.correct for s in scores) == 0  # none of these is a right answer
     assert elapsed < 10.0, f"corpus took {elapsed:.1f}s"
+    # Task.score in this process gives exactly the same scores (nothing needed the time limit)
+    inline = [t.score(r, c) for t, r, c in zip(tasks, records, completions, strict=True)]
+    assert inline == scores
 
 
 def test_corpus_through_the_cli(tmp_path):
