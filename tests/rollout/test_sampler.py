@@ -153,8 +153,6 @@ def test_sampling_frequencies_match_the_filtered_distribution(top_k, top_p):
         if top_k and rank >= top_k:
             break
         keep[j] = True
-        if top_k:
-            continue
     if top_p < 1:
         pk = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
         keep2 = np.zeros(8, bool)
