@@ -149,25 +149,71 @@ def eval_sets(tasks, cfg: ExperimentConfig) -> dict:
     return out
 
 
-def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> dict:
-    """Trains as configured; returns a summary with per-task accuracy before and after."""
-    # ---- SET-UP --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+    """What every sub-command needs: tasks, the policy, its initial params, eval prompts."""
+
+    workdir: pathlib.Path
+    names: list
+    tasks: dict
+    ratios: dict
+    policy: Policy
+    params: object
+    eval_sets: dict
+    eval_key: jax.Array
+    log: object
+
+
+def setup(cfg: ExperimentConfig, *, stream=sys.stderr) -> Setup:
     workdir = pathlib.Path(cfg.train.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, workdir / "config.yaml")
     log = lambda msg: print(f"[jaxgrpo] {msg}", file=stream, flush=True)
-    base_key = jax.random.key(cfg.train.seed)
     names, tasks, ratios = resolve_tasks(cfg)
-    task_index = {n: i for i, n in enumerate(names)}
-    rc, lc = cfg.rollout, cfg.loss
-
-    # ---- POLICY --------------------------------------------------------------------------
     model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed, workdir=workdir)
     pad_id, eos_ids = special_ids(tokenizer)
     parts, params = split_model(model)
-    graphdef = nnx.graphdef(model)
-    policy = Policy(parts, graphdef, tokenizer, pad_id, eos_ids)
-    del model
+    policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids)
+    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**30)
+    return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
+
+
+def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: pathlib.Path | None = None):
+    """SFT on gold completions; saves the result as an HF checkpoint in ``out_dir`` if given."""
+    params = _warm_start(cfg, su.policy, params, su.tasks, su.names, su.ratios, su.workdir, su.log)
+    if out_dir is not None:
+        from jaxgrpo.model import save_hf
+
+        save_hf(su.policy.parts.merge(params), out_dir)
+        su.policy.tokenizer.save_pretrained(str(out_dir))
+        su.log(f"SFT model saved (HF format) to {out_dir}")
+    return params
+
+
+def optimizer(cfg: ExperimentConfig):
+    return make_optimizer(cfg.optim, cfg.train.steps * cfg.loss.epochs * cfg.loss.minibatches)
+
+
+def initial_state(cfg: ExperimentConfig, params, tx=None):
+    """A fresh train state (also the abstract target of a checkpoint restore)."""
+    lc = cfg.loss
+    return init_train_state(
+        params, tx or optimizer(cfg), cfg.train.seed, with_ref=lc.kl_coef > 0,
+        entropy_coef=lc.entropy_coef,
+    )
+
+
+def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> dict:
+    """Trains as configured; returns a summary with per-task accuracy before and after."""
+    # ---- SET-UP --------------------------------------------------------------------------
+    su = setup(cfg, stream=stream)
+    workdir, names, tasks, ratios, policy, log = (
+        su.workdir, su.names, su.tasks, su.ratios, su.policy, su.log
+    )
+    save_config(cfg, workdir / "config.yaml")
+    base_key = jax.random.key(cfg.train.seed)
+    task_index = {n: i for i, n in enumerate(names)}
+    rc, lc = cfg.rollout, cfg.loss
+    parts, params, tokenizer, pad_id = policy.parts, su.params, policy.tokenizer, policy.pad_id
 
     # ---- CHECKPOINTS ---------------------------------------------------------------------
     ckpt_dir = pathlib.Path(cfg.checkpoint.dir or workdir / "checkpoints")
@@ -175,19 +221,15 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
     restoring = resume and ckpt.latest_step() is not None
 
     # ---- SFT WARM START (fresh runs only: a checkpoint already holds its result) ----------
-    es = eval_sets(tasks, cfg)
-    eval_key = jax.random.fold_in(base_key, 2**30)
+    es, eval_key = su.eval_sets, su.eval_key
     summary = {"workdir": str(workdir)}
     if not restoring and cfg.model.sft.steps > 0:
         summary["accuracy_init"] = evaluate(policy, params, tasks, es, cfg, eval_key)
-        params = _warm_start(cfg, policy, params, tasks, names, ratios, workdir, log)
+        params = warm_start(cfg, su, params, workdir / "sft_model")
 
     # ---- STATE, STEP, SAMPLERS -----------------------------------------------------------
-    updates_per_step = lc.epochs * lc.minibatches
-    tx = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step)
-    state = init_train_state(
-        params, tx, cfg.train.seed, with_ref=lc.kl_coef > 0, entropy_coef=lc.entropy_coef
-    )
+    tx = optimizer(cfg)
+    state = initial_state(cfg, params, tx)
     step_cfg = StepConfig(
         epochs=lc.epochs, num_minibatches=lc.minibatches,
         clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
@@ -235,7 +277,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
             items = prompts.draw(requests)
             g = rollouts.collect(
                 items, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
-                generate=lambda t, m, k: gen(_params, t, m, k),
+                generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
                 key=jax.random.fold_in(_key, len(_rounds)), prompt_buckets=rc.prompt_buckets,
                 pad_id=pad_id, score_fn=score_many,
             )
