@@ -340,7 +340,7 @@ def policy_loss(
             ``"block_mean"``.
         max_len: Dr. GRPO's constant length for ``"seq_mean_token_sum_norm"``; default ``T``.
         token_weights: ``[N, T]`` per-token weights for ``"block_mean"`` (``1 / |T_k|`` on block
-            k's tokens, 0 elsewhere: see :func:`block_token_weights`).
+            k's tokens, 0 elsewhere: see :func:`jaxgrpo.core.advantages.block_token_weights`).
         sequence_weights: ``[N]`` loss weight per sequence, in the numerator only.
         ratio_level: ``"token"`` or ``"sequence"`` (GSPO, in GSPO-token's gradient form).
         entropy: ``[N, T]`` per-token entropy, reported as ``aux["entropy_mean"]`` (no bonus).
@@ -368,34 +368,3 @@ def policy_loss(
         entropy=entropy,
     )
     return loss_from_terms(num, den), aux_from_terms(terms)
-
-
-def block_token_weights(block_ids, num_blocks: int, block_weights=None) -> jax.Array:
-    """BAE per-token weights ``w_k / |T_k|`` from per-token block ids (arXiv 2602.10231 §4.2).
-
-    Args:
-        block_ids: int ``[N, T]``, the block of each token in ``[0, num_blocks)``; any other value
-            (e.g. -1 for prompt, padding or unassigned text) gets weight 0.
-        num_blocks: K, a Python int >= 1.
-        block_weights: optional ``[K]`` weights ``w_k`` (the paper uses 1).
-
-    Returns:
-        float32 ``[N, T]``; an empty block contributes nothing and never divides by zero.
-    """
-    block_ids = jnp.asarray(block_ids)
-    if block_ids.ndim != 2:
-        raise ValueError(f"block_ids must be [N, T], got shape {block_ids.shape}")
-    if not jnp.issubdtype(block_ids.dtype, jnp.integer):
-        raise TypeError(f"block_ids must be an integer array, got dtype {block_ids.dtype}")
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be a Python int >= 1, got {num_blocks!r}")
-    onehot = block_ids[:, :, None] == jnp.arange(num_blocks)[None, None, :]  # [N, T, K]
-    ntok = jnp.sum(onehot, axis=1).astype(jnp.float32)  # [N, K]
-    if block_weights is None:
-        wk = jnp.ones((num_blocks,), jnp.float32)
-    else:
-        wk = _check_float("block_weights", block_weights, 1)
-        if wk.shape[0] != num_blocks:
-            raise ValueError(f"block_weights has {wk.shape[0]} entries, expected {num_blocks}")
-    per_block = safe_div(jnp.broadcast_to(wk[None, :], ntok.shape), ntok)  # [N, K]
-    return jnp.sum(jnp.where(onehot, per_block[:, None, :], 0.0), axis=2)

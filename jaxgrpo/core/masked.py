@@ -58,3 +58,17 @@ def masked_mean_std(
         squeeze_axis = axis if axis is not None else tuple(range(x.ndim))
         mean, std, n = (jnp.squeeze(a, axis=squeeze_axis) for a in (mean, std, n))
     return mean, std, n
+
+
+def masked_all_equal(x: jax.Array, mask: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """True where the entries of ``x`` selected by ``mask`` along ``axis`` are all equal.
+
+    An empty or one-element selection counts as all equal. The test is exact (``max <= min``
+    over the selection), so a group of identical rewards is detected even where a mean-centred
+    difference would leave float rounding error. A NaN in the selection gives False, so NaNs are
+    not hidden. ``x`` must be floating point; ``mask`` must have the same rank as ``x``.
+    """
+    m = jnp.asarray(mask).astype(bool)
+    hi = jnp.max(jnp.where(m, x, -jnp.inf), axis=axis, keepdims=keepdims)
+    lo = jnp.min(jnp.where(m, x, jnp.inf), axis=axis, keepdims=keepdims)
+    return hi <= lo
