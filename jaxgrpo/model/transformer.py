@@ -1,0 +1,231 @@
+"""Flax NNX decoder for the Llama, Qwen2 and Qwen3 families.
+
+Parameters are stored in a layout that makes each step a few large matmuls: q, k and v are one
+fused projection ``qkv_weight_dnh [D, H + 2*Hkv, Dh]`` (rows ``0..H-1`` are q heads, then k, then
+v) and gate/up are one ``gate_up_weight_dcf [D, 2, F]``. Every parameter carries logical axis names
+in its ``out_sharding`` metadata (``nnx.get_partition_spec`` returns them); the words are
+``"vocab"``, ``"embed"``, ``"heads"`` (fused q/k/v or query heads), ``"head_dim"`` and ``"mlp"``.
+
+Attention masks work on cache *slots*: a sequence occupies slots ``0..S-1``; a key slot is
+attended when it holds a real token (``key_valid``) and is not after the query's slot. Positions
+(for RoPE) are separate, so left-padded prompts get positions ``0..len-1`` on their real tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgrpo.model.config import ModelConfig
+
+_NEG = -1e30
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, init: str = "normal"):
+    dt = _dtype(cfg.param_dtype)
+    if init == "ones":
+        value = jnp.ones(shape, dt)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dt)
+    else:
+        value = (cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dt)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis, the statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    w = weight.astype(dtype).reshape((1,) * (x.ndim - 1) + weight.shape)
+    return w * (x32 * jax.lax.rsqrt(var + eps)).astype(dtype)
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in the HF (rotate-half) convention; angles computed in float32."""
+    ang_BxTxF = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(ang_BxTxF)[:, :, None, :].astype(x_BxTxNxDh.dtype)
+    sin = jnp.sin(ang_BxTxF)[:, :, None, :].astype(x_BxTxNxDh.dtype)
+    half = x_BxTxNxDh.shape[-1] // 2
+    x1, x2 = x_BxTxNxDh[..., :half], x_BxTxNxDh[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                          cfg.num_kv_heads, cfg.head_dim)
+        self.attn_norm = _param(rngs, (d,), ("embed",), cfg, "ones")
+        self.qkv_weight = _param(rngs, (d, h + 2 * k, dh), ("embed", "heads", "head_dim"), cfg)
+        self.qkv_bias = (_param(rngs, (h + 2 * k, dh), ("heads", "head_dim"), cfg, "zeros")
+                         if cfg.qkv_bias else None)
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
+            self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
+        else:
+            self.q_norm = self.k_norm = None
+        self.o_weight = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg)
+        self.mlp_norm = _param(rngs, (d,), ("embed",), cfg, "ones")
+        self.gate_up_weight = _param(rngs, (d, 2, f), ("embed", None, "mlp"), cfg)
+        self.down_weight = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x_BxTxD, positions_BxT, inv_freq, kv, write_index, key_valid_BxS):
+        """One block. ``kv`` is ``None`` (keys are this call's tokens) or ``(k, v)`` caches
+        ``[B, S, Hkv, Dh]`` into which this call's keys are written at slot ``write_index``.
+
+        Returns the new activations and the (updated) ``(k, v)`` of this layer.
+        """
+        cfg = self.cfg
+        dt = _dtype(cfg.dtype)
+        h, k = cfg.num_heads, cfg.num_kv_heads
+        b, t, _ = x_BxTxD.shape
+        y = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_norm_eps, dt)
+        qkv = jnp.einsum("btd,dnh->btnh", y, self.qkv_weight[...].astype(dt))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(dt)[None, None]
+        q, kk, v = qkv[:, :, :h], qkv[:, :, h:h + k], qkv[:, :, h + k:]
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, dt)
+            kk = rms_norm(kk, self.k_norm[...], cfg.rms_norm_eps, dt)
+        q = apply_rope(q, positions_BxT, inv_freq)
+        kk = apply_rope(kk, positions_BxT, inv_freq)
+        if kv is None:
+            k_all, v_all = kk, v
+            q_slot = jnp.arange(t)
+        else:
+            k_cache, v_cache = kv
+            k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, kk.astype(k_cache.dtype),
+                                                        write_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
+                                                        write_index, axis=1)
+            q_slot = write_index + jnp.arange(t)
+        s = k_all.shape[1]
+        allowed_BxTxS = key_valid_BxS[:, None, :] & (
+            jnp.arange(s)[None, None, :] <= q_slot[None, :, None])
+        r = h // k
+        q5 = q.reshape(b, t, k, r, cfg.head_dim)
+        scores = jnp.einsum("btkrh,bskh->bkrts", q5, k_all.astype(dt),
+                            preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
+        scores = jnp.where(allowed_BxTxS[:, None, None], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        att = jnp.einsum("bkrts,bskh->btkrh", probs, v_all.astype(dt))
+        att = att.reshape(b, t, h, cfg.head_dim)
+        x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", att, self.o_weight[...].astype(dt))
+        y = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps, dt)
+        gu = jnp.einsum("btd,dcf->btcf", y, self.gate_up_weight[...].astype(dt))
+        act = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", act, self.down_weight[...].astype(dt))
+        return x_BxTxD, (k_all, v_all)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer (Llama / Qwen2 / Qwen3).
+
+    ``model(tokens)`` returns float32 logits ``[B, T, V]``; with ``return_hidden=True`` the
+    final-normed hidden states ``[B, T, D]`` (``hidden @ model.unembedding()`` gives the logits).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), cfg, "ones")
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg))
+
+    # -- pieces -------------------------------------------------------------------------------
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[D, V]`` (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embedding[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Float32 logits ``[..., V]`` from final-normed hidden states ``[..., D]``."""
+        dt = _dtype(self.cfg.dtype)
+        h = hidden_BxTxD.astype(dt)
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", h, self.embedding[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def _inv_freq(self) -> jax.Array:
+        return jnp.asarray(self.cfg.rope_inv_freq(), jnp.float32)
+
+    def _check_tokens(self, tokens):
+        if not hasattr(tokens, "shape") or tokens.ndim != 2:
+            raise ValueError(f"tokens must be an int array [B, T], got shape "
+                             f"{getattr(tokens, 'shape', None)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integer (int32), got {tokens.dtype}")
+
+    def init_cache(self, batch: int, max_len: int) -> list[tuple[jax.Array, jax.Array]]:
+        """Zeroed KV cache: one ``(k, v)`` pair ``[B, S, Hkv, Dh]`` per layer, compute dtype."""
+        shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+        dt = _dtype(self.cfg.dtype)
+        return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(self.cfg.num_layers)]
+
+    def forward_cached(self, tokens_BxT, positions_BxT, cache, write_index, key_valid_BxS):
+        """Run ``T`` new tokens against a KV cache.
+
+        Args:
+            tokens_BxT: int32 ``[B, T]`` new tokens, written to slots ``write_index..+T-1``.
+            positions_BxT: int32 ``[B, T]`` RoPE positions of those tokens.
+            cache: list of per-layer ``(k, v)`` ``[B, S, Hkv, Dh]`` (see ``init_cache``).
+            write_index: int32 scalar slot of the first new token (shared by the batch).
+            key_valid_BxS: bool ``[B, S]``, slots holding real tokens (the new ones included).
+
+        Returns:
+            ``(hidden [B, T, D] final-normed, new_cache)``.
+        """
+        dt = _dtype(self.cfg.dtype)
+        x = self.embedding[...][tokens_BxT].astype(dt)
+        inv_freq = self._inv_freq()
+        new_cache = []
+        for layer, kv in zip(self.layers, cache, strict=True):
+            x, kv = layer(x, positions_BxT, inv_freq, kv, write_index, key_valid_BxS)
+            new_cache.append(kv)
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt), new_cache
+
+    def __call__(self, tokens, *, positions=None, mask=None, return_hidden: bool = False):
+        """Full forward, no cache.
+
+        Args:
+            tokens: int32 ``[B, T]``.
+            positions: int32 ``[B, T]``; default ``cumsum(mask) - 1`` clipped at 0 (so left
+                padding works), which is ``0..T-1`` without a mask.
+            mask: bool ``[B, T]``, real tokens; padded slots are never attended as keys.
+            return_hidden: return final-normed hidden ``[B, T, D]`` instead of logits.
+
+        Returns:
+            float32 logits ``[B, T, V]``, or hidden states ``[B, T, D]`` in the compute dtype.
+        """
+        self._check_tokens(tokens)
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), bool)
+        elif tuple(mask.shape) != (b, t):
+            raise ValueError(f"mask must have the shape of tokens {(b, t)}, got {mask.shape}")
+        mask = jnp.asarray(mask).astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+        elif tuple(positions.shape) != (b, t):
+            raise ValueError(
+                f"positions must have the shape of tokens {(b, t)}, got {positions.shape}")
+        dt = _dtype(self.cfg.dtype)
+        x = self.embedding[...][tokens].astype(dt)
+        inv_freq = self._inv_freq()
+        for layer in self.layers:
+            x, _ = layer(x, positions, inv_freq, None, 0, mask)
+        hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt)
+        return hidden if return_hidden else self.logits(hidden)
