@@ -266,7 +266,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
         num_samples=rc.group_size, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
         top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets,
     )
-    start_step = int(state.step)
+    start_step = last_saved = int(state.step)
     pending = None  # (step, host metrics, device metrics): fetched one step late
     for step in range(start_step, cfg.train.steps):
         t0 = time.perf_counter()
@@ -310,10 +310,13 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
             writer.write_scalars(step + 1, {f"eval/{k}/accuracy": v for k, v in acc.items()})
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
             _save(ckpt, state, prompts, batcher, mt, summary, cfg)
+            last_saved = step + 1
     if pending is not None:
         _flush(pending, writer, guard, progress)
-    _save(ckpt, state, prompts, batcher, mt, summary, cfg)
+    if last_saved != int(state.step):
+        _save(ckpt, state, prompts, batcher, mt, summary, cfg)
     ckpt.wait()
+    ckpt.close()
 
     # ---- FINAL EVALUATION ----------------------------------------------------------------
     summary["accuracy_after"] = evaluate(policy, state.params, tasks, es, cfg, eval_key)
