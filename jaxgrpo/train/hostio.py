@@ -28,7 +28,7 @@ def encode_prompts(tokenizer, texts: Sequence[str], buckets: Sequence[int], pad_
 
     Returns ``(tokens int32 [P, Tp], mask bool [P, Tp])``.
     """
-    ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # one batched call
     tp = bucket_length(max(len(x) for x in ids), buckets)
     tokens = np.full((len(ids), tp), pad_id, np.int32)
     mask = np.zeros((len(ids), tp), bool)
@@ -46,9 +46,9 @@ def encode_completions(tokenizer, texts: Sequence[str], length: int, pad_id: int
     """
     tokens = np.full((len(texts), length), pad_id, np.int32)
     mask = np.zeros((len(texts), length), bool)
-    for i, t in enumerate(texts):
-        x = list(tokenizer(t, add_special_tokens=False)["input_ids"]) + [eos_id]
-        x = x[:length]
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    for i, x in enumerate(ids):
+        x = (list(x) + [eos_id])[:length]
         tokens[i, : len(x)] = x
         mask[i, : len(x)] = True
     return tokens, mask
@@ -56,7 +56,5 @@ def encode_completions(tokenizer, texts: Sequence[str], length: int, pad_id: int
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
     """Decodes ``[B, Tc]`` completion tokens (only the masked ones), special tokens dropped."""
-    out = []
-    for row, m in zip(tokens, mask, strict=True):
-        out.append(tokenizer.decode(row[m.astype(bool)].tolist(), skip_special_tokens=True))
-    return out
+    rows = [row[m.astype(bool)].tolist() for row, m in zip(tokens, mask, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
