@@ -26,6 +26,7 @@ import collections
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -77,11 +78,33 @@ def _worker_main(conn) -> None:
             return
 
 
+def _start_detached_from_main(proc) -> None:
+    """Starts a ``spawn`` process without re-importing the parent's ``__main__``.
+
+    ``spawn`` normally re-runs the caller's main script in every child; a training script
+    without an ``if __name__ == "__main__"`` guard would then start training again in each
+    verifier worker. The worker needs nothing from ``__main__`` (its target lives here), so the
+    main module's file and spec are hidden while the child is launched.
+    """
+    main = sys.modules.get("__main__")
+    hidden = {a: main.__dict__[a] for a in ("__file__", "__spec__") if main and a in main.__dict__}
+    try:
+        for a in hidden:
+            if a == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__dict__[a]
+        proc.start()
+    finally:
+        for a, v in hidden.items():
+            main.__dict__[a] = v
+
+
 class _Worker:
     def __init__(self, ctx):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        self.proc.start()
+        _start_detached_from_main(self.proc)
         child.close()
         self.known: set[int] = set()
         self.deadline = 0.0

@@ -1,0 +1,50 @@
+"""``jaxgrpo train [CONFIG] [overrides] [--resume]``: RL training (no config: the built-in demo)."""
+
+from __future__ import annotations
+
+import sys
+
+from jaxgrpo.train.cli_common import add_config_arguments, fail, load
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in the run's directory")
+
+
+def run(args) -> int:
+    cfg = load(args)
+    if cfg is None:
+        return 2
+    from jaxgrpo.metrics import NonFiniteError
+    from jaxgrpo.train import loop
+
+    try:
+        summary = loop.run(cfg, resume=args.resume)
+    except NonFiniteError as e:
+        return fail(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(format_summary(summary), file=sys.stdout)
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The closing table: per-task accuracy before and after RL (and before SFT, if any)."""
+    before, after = summary["accuracy_before"], summary["accuracy_after"]
+    init = summary.get("accuracy_init")
+    cols = (["before SFT"] if init else []) + ["before RL", "after RL"]
+    width = max(len("mean"), *(len(k) for k in after))
+    lines = ["", "per-task accuracy (mean over eval prompts x samples)",
+             f"{'task':<{width}}  " + "  ".join(f"{c:>10}" for c in cols)]
+    rows = list(after) + ["mean"]
+    for k in rows:
+        def val(d, k=k):
+            return sum(d.values()) / len(d) if k == "mean" else d[k]
+        vals = ([val(init)] if init else []) + [val(before), val(after)]
+        lines.append(f"{k:<{width}}  " + "  ".join(f"{v:>10.3f}" for v in vals))
+    lines.append("")
+    lines.append(f"run files: {summary['workdir']}  (config.yaml, metrics.jsonl, checkpoints/"
+                 + (", sft_model/" if init else "") + ")")
+    return "\n".join(lines)

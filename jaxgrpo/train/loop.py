@@ -1,0 +1,418 @@
+"""The training loop: the only code that knows the order of the stages.
+
+One RL step:
+
+1. **Batch.** The ratio-preserving sampler asks for prompts per task (GRPO: the fixed ratios,
+   one round; DAPO: oversampled rounds until B groups have a learning signal; MT-GRPO: the task
+   weights z, with per-task counts preserved after filtering). Each round draws prompts from the
+   host task sampler, rolls them out (G completions each, jitted KV-cache sampler) and verifies
+   the completions on the host.
+2. **Advantages** from the ``[P, G]`` rewards (``jaxgrpo.core.advantages``).
+3. **Update**: one jitted, donated train step (mu epochs x minibatches inside ``lax.scan``).
+4. **Book-keeping**: MT-GRPO task weights from the step's improvement signal, metrics (fetched
+   after the next step is dispatched), periodic per-task evaluation, checkpoints.
+
+Randomness is a pure function of ``(seed, step)`` and every host-side sampler is restored from
+the checkpoint, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgrpo import metrics as metrics_lib
+from jaxgrpo.checkpoint import Checkpointer
+from jaxgrpo.config import Algo, Estimator, ExperimentConfig, save_config
+from jaxgrpo.core import advantages as core_adv
+from jaxgrpo.data import Group, RatioPreservingSampler, TaskSampler
+from jaxgrpo.rollout import generate_functional
+from jaxgrpo.tasks import MIXTURES, get_task, score_many
+from jaxgrpo.train import batch as batch_lib
+from jaxgrpo.train import rollouts, sft
+from jaxgrpo.train.mtgrpo import TaskWeightUpdater
+from jaxgrpo.train.optim import make_optimizer
+from jaxgrpo.train.policy import build_policy, special_ids
+from jaxgrpo.train.state import ModelParts, init_train_state, split_model
+from jaxgrpo.train.step import StepConfig, make_train_step
+
+
+@dataclasses.dataclass
+class Policy:
+    """Everything needed to sample from and train the current policy."""
+
+    parts: ModelParts
+    graphdef: object
+    tokenizer: object
+    pad_id: int
+    eos_ids: tuple[int, ...]
+
+    def generator(self, *, num_samples, max_new_tokens, temperature, top_k, top_p, buckets):
+        def gen(params, prompt_tokens, prompt_mask, key):
+            state = nnx.merge_state(params, self.parts.rest)
+            return generate_functional(
+                self.graphdef, state, prompt_tokens, prompt_mask, key,
+                num_samples=num_samples, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_k=top_k, top_p=top_p,
+                eos_ids=self.eos_ids, pad_id=self.pad_id, buckets=buckets,
+            )
+        return gen
+
+
+def resolve_tasks(cfg: ExperimentConfig):
+    """``(names, {name: Task}, {name: ratio})`` from ``tasks.mixture``."""
+    mix = cfg.tasks.mixture
+    if isinstance(mix, str):
+        if mix not in MIXTURES:
+            raise ValueError(f"unknown mixture {mix!r}; known: {', '.join(MIXTURES)}")
+        ratios = dict(MIXTURES[mix])
+        tasks = {name: get_task(name) for name in ratios}
+    else:
+        ratios = cfg.tasks.ratios()
+        tasks = {t.spec: get_task(t.spec, **t.options) for t in mix}
+    return list(ratios), tasks, ratios
+
+
+def compute_advantages(rewards, valid, cfg: ExperimentConfig):
+    """``[P, G]`` advantages for the configured estimator (host NumPy in, NumPy out)."""
+    lc = cfg.loss
+    if lc.estimator == Estimator.BLOCKWISE:
+        raise ValueError(
+            "loss.estimator 'blockwise' needs tasks with structured blocks; use the BAE trainer"
+        )
+    adv = core_adv.group_relative(
+        jnp.asarray(rewards),
+        jnp.asarray(valid),
+        baseline="leave_one_out" if lc.estimator == Estimator.RLOO else "mean",
+        scale=str(lc.resolved_scale),
+        std_ddof=lc.std_ddof,
+        eps=lc.eps,
+    )
+    return np.asarray(adv)
+
+
+def make_batch_sampler(cfg: ExperimentConfig, names, seed: int) -> RatioPreservingSampler:
+    """GRPO, DAPO and MT-GRPO are settings of the one ratio-preserving sampler."""
+    p = cfg.tasks.prompts_per_step
+    algo, ds, mt = cfg.algo.name, cfg.algo.sampling, cfg.algo.mt_grpo
+    common = dict(seed=seed, fill="pad")
+    if algo == Algo.GRPO and not ds.enabled:
+        return RatioPreservingSampler.from_preset("grpo", names, p, **common)
+    dyn = dict(oversample=ds.oversample, max_rounds=ds.max_rounds, filter=str(ds.filter), **common)
+    if algo == Algo.MT_GRPO:
+        return RatioPreservingSampler.from_preset(
+            "mt_grpo", names, p, max_inflation=mt.max_inflation, rho_decay=mt.rho_ema,
+            preserve_ratios=mt.preserve_ratios, preserve_from_step=mt.preserve_from_step,
+            target_mode=str(mt.target_mode), schedule=str(mt.schedule), **dyn,
+        )
+    return RatioPreservingSampler.from_preset("dapo", names, p, **dyn)
+
+
+def evaluate(policy: Policy, params, tasks, eval_sets, cfg: ExperimentConfig, key) -> dict:
+    """Per-task accuracy: mean correctness over ``eval_samples`` completions of each prompt."""
+    rc = cfg.rollout
+    gen = policy.generator(
+        num_samples=rc.eval_samples, max_new_tokens=rc.max_new_tokens,
+        temperature=rc.eval_temperature, top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets,
+    )
+    out = {}
+    for i, (name, items) in enumerate(eval_sets.items()):
+        groups = rollouts.collect(
+            items, tasks=tasks, task_index={name: 0}, tokenizer=policy.tokenizer,
+            generate=lambda t, m, k: gen(params, t, m, k), key=jax.random.fold_in(key, i),
+            prompt_buckets=rc.prompt_buckets, pad_id=policy.pad_id, score_fn=score_many,
+        )
+        out[name] = float(groups.correct.mean())
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    task: str
+    record: dict
+    uid: str
+
+
+def eval_sets(tasks, cfg: ExperimentConfig) -> dict:
+    n = cfg.tasks.eval_prompts
+    out = {}
+    for name, task in tasks.items():
+        ds = task.dataset("eval", cfg.tasks.seed)
+        out[name] = [EvalItem(name, ds[i], f"{name}/eval/{i}") for i in range(min(n, len(ds)))]
+    return out
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every sub-command needs: tasks, the policy, its initial params, eval prompts."""
+
+    workdir: pathlib.Path
+    names: list
+    tasks: dict
+    ratios: dict
+    policy: Policy
+    params: object
+    eval_sets: dict
+    eval_key: jax.Array
+    log: object
+
+
+def setup(cfg: ExperimentConfig, *, stream=sys.stderr) -> Setup:
+    workdir = pathlib.Path(cfg.train.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[jaxgrpo] {msg}", file=stream, flush=True)
+    names, tasks, ratios = resolve_tasks(cfg)
+    model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed, workdir=workdir)
+    pad_id, eos_ids = special_ids(tokenizer)
+    parts, params = split_model(model)
+    policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids)
+    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**30)
+    return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
+
+
+def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: pathlib.Path | None = None):
+    """SFT on gold completions; saves the result as an HF checkpoint in ``out_dir`` if given."""
+    params = _warm_start(cfg, su.policy, params, su.tasks, su.names, su.ratios, su.workdir, su.log)
+    if out_dir is not None:
+        from jaxgrpo.model import save_hf
+
+        save_hf(su.policy.parts.merge(params), out_dir)
+        su.policy.tokenizer.save_pretrained(str(out_dir))
+        su.log(f"SFT model saved (HF format) to {out_dir}")
+    return params
+
+
+def optimizer(cfg: ExperimentConfig):
+    return make_optimizer(cfg.optim, cfg.train.steps * cfg.loss.epochs * cfg.loss.minibatches)
+
+
+def initial_state(cfg: ExperimentConfig, params, tx=None):
+    """A fresh train state (also the abstract target of a checkpoint restore)."""
+    lc = cfg.loss
+    return init_train_state(
+        params, tx or optimizer(cfg), cfg.train.seed, with_ref=lc.kl_coef > 0,
+        entropy_coef=lc.entropy_coef,
+    )
+
+
+def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> dict:
+    """Trains as configured; returns a summary with per-task accuracy before and after."""
+    # ---- SET-UP --------------------------------------------------------------------------
+    su = setup(cfg, stream=stream)
+    workdir, names, tasks, ratios, policy, log = (
+        su.workdir, su.names, su.tasks, su.ratios, su.policy, su.log
+    )
+    save_config(cfg, workdir / "config.yaml")
+    base_key = jax.random.key(cfg.train.seed)
+    task_index = {n: i for i, n in enumerate(names)}
+    rc, lc = cfg.rollout, cfg.loss
+    parts, params, tokenizer, pad_id = policy.parts, su.params, policy.tokenizer, policy.pad_id
+
+    # ---- CHECKPOINTS ---------------------------------------------------------------------
+    ckpt_dir = pathlib.Path(cfg.checkpoint.dir or workdir / "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.asynchronous)
+    restoring = resume and ckpt.latest_step() is not None
+
+    # ---- SFT WARM START (fresh runs only: a checkpoint already holds its result) ----------
+    es, eval_key = su.eval_sets, su.eval_key
+    summary = {"workdir": str(workdir)}
+    if not restoring and cfg.model.sft.steps > 0:
+        summary["accuracy_init"] = evaluate(policy, params, tasks, es, cfg, eval_key)
+        params = warm_start(cfg, su, params, workdir / "sft_model")
+
+    # ---- STATE, STEP, SAMPLERS -----------------------------------------------------------
+    tx = optimizer(cfg)
+    state = initial_state(cfg, params, tx)
+    step_cfg = StepConfig(
+        epochs=lc.epochs, num_minibatches=lc.minibatches,
+        clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
+        kl_coef=lc.kl_coef, kl_estimator=str(lc.kl_estimator),
+        kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
+        max_len=rc.max_new_tokens, recompute_old_logp=True,
+        num_tasks=len(names) if cfg.algo.name == Algo.MT_GRPO else 0,
+    )
+    train_step = make_train_step(parts, tx, step_cfg)
+    prompts = TaskSampler(
+        {n: t.dataset("train", cfg.tasks.seed) for n, t in tasks.items()},
+        ratios, global_batch=cfg.tasks.prompts_per_step, seed=cfg.tasks.seed,
+    )
+    batcher = make_batch_sampler(cfg, names, cfg.tasks.seed)
+    mt = TaskWeightUpdater(names, cfg.algo.mt_grpo) if cfg.algo.name == Algo.MT_GRPO else None
+    if restoring:
+        state, meta = ckpt.restore(abstract_state=jax.eval_shape(lambda: state))
+        prompts.set_state(meta["task_sampler"])
+        batcher.set_state(meta["batch_sampler"])
+        if mt is not None:
+            mt.set_state(meta["task_weights"])
+        summary["accuracy_before"] = meta["accuracy_before"]
+        summary.update({k: meta[k] for k in ("accuracy_init",) if k in meta})
+        log(f"resumed from {ckpt_dir} at step {int(state.step)}")
+    else:
+        summary["accuracy_before"] = evaluate(policy, state.params, tasks, es, cfg, eval_key)
+    log("accuracy before RL: " + _fmt_acc(summary["accuracy_before"]))
+
+    # ---- LOOP ----------------------------------------------------------------------------
+    writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
+    guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
+    progress = metrics_lib.ProgressBar(cfg.train.steps, stream=stream) if cfg.logging.progress else None
+    gen = policy.generator(
+        num_samples=rc.group_size, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+        top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets,
+    )
+    start_step = last_saved = int(state.step)
+    pending = None  # (step, host metrics, device metrics): fetched one step late
+    for step in range(start_step, cfg.train.steps):
+        t0 = time.perf_counter()
+        step_key = jax.random.fold_in(base_key, step)
+        rounds: list[rollouts.Groups] = []
+
+        def generate(requests, _params=state.params, _key=step_key, _rounds=rounds):
+            items = prompts.draw(requests)
+            g = rollouts.collect(
+                items, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
+                generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
+                key=jax.random.fold_in(_key, len(_rounds)), prompt_buckets=rc.prompt_buckets,
+                pad_id=pad_id, score_fn=score_many,
+            )
+            _apply_overlong(g, cfg)
+            r = len(_rounds)
+            _rounds.append(g)
+            return [Group(it.task, it.uid, tuple(g.rewards[i]), (r, i)) for i, it in enumerate(items)]
+
+        result = batcher.run_step(mt.weights() if mt is not None else ratios, generate)
+        chosen = [g.payload for g in result.batch]
+        groups = rollouts.Groups.concat([rounds[r].take([i]) for r, i in chosen])
+        valid = ~np.asarray(result.padded)[:, None] & ~groups.errors
+        t_rollout = time.perf_counter() - t0
+        adv = compute_advantages(groups.rewards, valid, cfg)
+        tb = batch_lib.assemble(
+            groups.prompt_tokens, groups.prompt_mask, groups.tokens, groups.mask, adv,
+            old_logp=groups.logprobs, valid=valid, task_ids=groups.task_ids, pad_id=pad_id,
+        )
+        state, dev_metrics = train_step(state, tb)
+        if pending is not None:
+            _flush(pending, writer, guard, progress)
+        host = _rollout_metrics(groups, rounds, names, result, t_rollout)
+        pending = (step, host, dev_metrics, t0)
+        if mt is not None:
+            everything = rollouts.Groups.concat(rounds)
+            mt.update(everything.correct, everything.task_ids, dev_metrics["task_improvement"])
+            host.update(mt.metrics())
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+            acc = evaluate(policy, state.params, tasks, es, cfg, eval_key)
+            writer.write_scalars(step + 1, {f"eval/{k}/accuracy": v for k, v in acc.items()})
+        if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+            _save(ckpt, state, prompts, batcher, mt, summary, cfg)
+            last_saved = step + 1
+    if pending is not None:
+        _flush(pending, writer, guard, progress)
+    if last_saved != int(state.step):
+        _save(ckpt, state, prompts, batcher, mt, summary, cfg)
+    ckpt.wait()
+    ckpt.close()
+
+    # ---- FINAL EVALUATION ----------------------------------------------------------------
+    summary["accuracy_after"] = evaluate(policy, state.params, tasks, es, cfg, eval_key)
+    writer.write_scalars(cfg.train.steps, {f"eval/{k}/accuracy": v for k, v in summary["accuracy_after"].items()})
+    writer.close()
+    summary["params"] = state.params
+    summary["task_sampler_state"] = prompts.get_state()
+    return summary
+
+
+def _fmt_acc(acc: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {np.mean(list(acc.values())):.3f})"
+
+
+def _warm_start(cfg, policy: Policy, params, tasks, names, ratios, workdir, log):
+    """SFT on gold completions drawn from the training mixture (a separate sampler stream)."""
+    sc, rc = cfg.model.sft, cfg.rollout
+    sampler = TaskSampler(
+        {n: t.dataset("train", cfg.tasks.seed + 1) for n, t in tasks.items()},
+        ratios, global_batch=sc.batch_size, seed=cfg.tasks.seed + 1,
+    )
+
+    def batches():
+        while True:
+            items = sampler.next_batch()
+            yield (
+                [tasks[it.task].prompt(it.record) for it in items],
+                [tasks[it.task].gold_completion(it.record) for it in items],
+            )
+
+    losses = []
+    t0 = time.perf_counter()
+
+    def on_step(i, loss):
+        if (i + 1) % max(sc.steps // 5, 1) == 0 or i + 1 == sc.steps:
+            losses.append(float(loss))
+            log(f"sft step {i + 1}/{sc.steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+    import optax
+
+    tx = optax.adamw(sc.lr, weight_decay=0.0)
+    params = sft.run_sft(
+        policy.parts, params, batches(), tokenizer=policy.tokenizer, steps=sc.steps, tx=tx,
+        prompt_buckets=rc.prompt_buckets, completion_len=rc.max_new_tokens,
+        pad_id=policy.pad_id, eos_id=policy.eos_ids[0], on_step=on_step,
+    )
+    return params
+
+
+def _apply_overlong(groups: rollouts.Groups, cfg: ExperimentConfig) -> None:
+    ol = cfg.algo.overlong
+    if ol.buffer > 0:
+        lengths = groups.mask.sum(-1)
+        groups.rewards += rollouts.overlong_penalty(
+            lengths, cfg.rollout.max_new_tokens, ol.buffer, ol.penalty
+        )
+
+
+def _rollout_metrics(groups: rollouts.Groups, rounds, names, result, seconds) -> dict:
+    task_names = [names[i] for i in groups.task_ids]
+    lengths = groups.mask.sum(-1)
+    out = metrics_lib.per_task_metrics(task_names, groups.rewards, groups.correct, lengths)
+    out.update(result.metrics())
+    # Accuracy before filtering (MT-GRPO's J_k counts every generated rollout).
+    everything = rollouts.Groups.concat(rounds) if len(rounds) > 1 else rounds[0]
+    out["reward/mean"] = float(groups.rewards.mean())
+    out["accuracy/generated"] = float(everything.correct.mean())
+    out["accuracy/batch"] = float(groups.correct.mean())
+    out["verifier/errors"] = float(everything.errors.sum())
+    out["rollout/truncated_frac"] = float(everything.truncated.mean())
+    out["rollout/length_mean"] = float(lengths.mean())
+    out["time/rollout_s"] = seconds
+    out["rollout/tokens"] = float(everything.mask.sum())
+    return out
+
+
+def _flush(pending, writer, guard, progress) -> None:
+    step, host, dev, t0 = pending
+    dev = jax.device_get(dev)
+    dev.pop("task_improvement", None)
+    scalars = {**host, **metrics_lib.to_scalars(dev)}
+    scalars["time/step_s"] = time.perf_counter() - t0
+    guard.check(step, scalars)
+    scalars.update(guard.metrics())
+    writer.write_scalars(step + 1, scalars)
+    if progress is not None:
+        progress.update(step + 1, scalars)
+
+
+def _save(ckpt, state, prompts, batcher, mt, summary, cfg) -> None:
+    meta = {
+        "task_sampler": prompts.get_state(),
+        "batch_sampler": batcher.get_state(),
+        "task_weights": mt.get_state() if mt is not None else None,
+        "accuracy_before": summary["accuracy_before"],
+    }
+    if "accuracy_init" in summary:
+        meta["accuracy_init"] = summary["accuracy_init"]
+    ckpt.save(int(state.step), state, meta)

@@ -1,0 +1,78 @@
+"""MT-GRPO's task weights on the host side of the loop: J_k, the IWU steps, and their state.
+
+Per training step (spec mt-grpo §5): J_k, an EMA of each task's rollout accuracy before
+filtering (correctness only, no format credit), is updated from every generated group; the
+train step reports, per minibatch update, the per-task change of the clipped surrogate I_k
+(``StepConfig.num_tasks``); the task logits xi then take one IWU step per minibatch (the
+released code) or one per step (the paper), and z = softmax(xi) sets the next step's batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgrpo.config import MTGRPOConfig, Reduce, WeightUpdate
+from jaxgrpo.core import weighting
+from jaxgrpo.train import task_weights
+
+
+class TaskWeightUpdater:
+    """Holds xi, the optimiser state and J; ``weights()`` gives z as ``{task: weight}``."""
+
+    def __init__(self, names: list[str], cfg: MTGRPOConfig):
+        self.names, self.cfg = list(names), cfg
+        self.tx = task_weights.make_task_weight_optimizer(
+            str(cfg.weight_optimizer), lr=cfg.weight_lr, weight_decay=cfg.weight_decay
+        )
+        self.logits, self.opt_state = task_weights.init_task_weights(len(names), self.tx)
+        self.acc = jnp.zeros((len(names),), jnp.float32)
+
+    def weights(self) -> dict[str, float]:
+        z = np.asarray(jax.nn.softmax(self.logits), np.float64)
+        z = z / z.sum()
+        return dict(zip(self.names, z.tolist(), strict=True))
+
+    def update(self, correct_PxG: np.ndarray, task_ids_P: np.ndarray, improvement_MxK) -> None:
+        """One step's update from all generated groups and the step's ``[M, K]`` improvements."""
+        k = len(self.names)
+        frac = jnp.asarray(correct_PxG, jnp.float32).mean(axis=1)
+        ids = jnp.asarray(task_ids_P, jnp.int32)
+        acc, count = weighting.per_task_mean(frac, ids, k)
+        self.acc = weighting.ema_update(self.acc, acc, count > 0, decay=self.cfg.acc_ema)
+        imp = jnp.asarray(improvement_MxK, jnp.float32)
+        if self.cfg.improvement_reduce == Reduce.MEAN:
+            _, n = weighting.per_task_mean(jnp.ones_like(ids, jnp.float32), ids, k)
+            imp = imp / jnp.maximum(n, 1.0)
+        c = self.cfg.improvement_clip
+        if self.cfg.update == WeightUpdate.PER_STEP:
+            imp = jnp.clip(imp.sum(axis=0, keepdims=True), -c, c)
+        else:
+            imp = jnp.clip(imp, -c, c)
+        self.logits, self.opt_state, _ = task_weights.iwu_minibatch_steps(
+            self.logits, self.opt_state, self.acc, imp, self.tx, lam=self.cfg.lam
+        )
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for i, (name, z) in enumerate(self.weights().items()):
+            out[f"task/{name}/weight"] = z
+            out[f"task/{name}/acc_ema"] = float(self.acc[i])
+        return out
+
+    def get_state(self) -> dict:
+        leaves = jax.tree.leaves(self.opt_state)
+        return {
+            "logits": np.asarray(self.logits).tolist(),
+            "acc": np.asarray(self.acc).tolist(),
+            "opt_state": [np.asarray(x).tolist() for x in leaves],
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.logits = jnp.asarray(state["logits"], jnp.float32)
+        self.acc = jnp.asarray(state["acc"], jnp.float32)
+        treedef = jax.tree.structure(self.opt_state)
+        old = jax.tree.leaves(self.opt_state)
+        new = [jnp.asarray(v, dtype=o.dtype) for v, o in zip(state["opt_state"], old, strict=True)]
+        self.opt_state = jax.tree.unflatten(treedef, new)

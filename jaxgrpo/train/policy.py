@@ -1,0 +1,37 @@
+"""The policy and its tokenizer, from config: the built-in tiny model or a local HF checkpoint."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgrpo.config import ModelConfigSpec
+from jaxgrpo.model import ModelConfig, Transformer, build_demo_tokenizer, load_hf, load_tokenizer
+
+
+def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path):
+    """Returns ``(model, tokenizer)``.
+
+    ``preset: tiny`` builds the character-level demo tokenizer (saved under
+    ``workdir/tokenizer`` in the HF format) and a randomly initialised tiny decoder; ``path``
+    loads an HF checkpoint directory and its tokenizer (or ``spec.tokenizer``).
+    """
+    dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    if spec.preset == "tiny":
+        tokenizer = build_demo_tokenizer(workdir / "tokenizer")
+        cfg = ModelConfig.tiny(len(tokenizer), dtype=str(spec.dtype), param_dtype=str(spec.param_dtype))
+        return Transformer(cfg, rngs=nnx.Rngs(seed)), tokenizer
+    model = load_hf(spec.path, dtype=dtype)
+    tokenizer = load_tokenizer(spec.tokenizer or spec.path)
+    return model, tokenizer
+
+
+def special_ids(tokenizer) -> tuple[int, tuple[int, ...]]:
+    """``(pad_id, eos_ids)``; a tokenizer without a pad token pads with its EOS token."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: completions could never end")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(pad), (int(eos),)

@@ -1,0 +1,141 @@
+"""Roll out a set of prompts, verify the completions on the host, and keep the results as arrays.
+
+``collect(...)`` is the stage between the task sampler and the advantages: prompts in, one
+:class:`Groups` out (``[P, G]`` rewards, correctness and the padded token arrays the train step
+needs). DAPO's dynamic sampling and MT-GRPO's ratio-preserving sampler call it repeatedly and
+keep the groups they want with :meth:`Groups.take`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxgrpo.train import hostio
+
+
+@dataclasses.dataclass
+class Groups:
+    """P prompts with G scored completions each (host NumPy arrays)."""
+
+    task_ids: np.ndarray  # int32 [P]
+    items: list  # [P] task-sampler items (task name, record, uid)
+    prompt_tokens: np.ndarray  # int32 [P, Tp]
+    prompt_mask: np.ndarray  # bool [P, Tp]
+    tokens: np.ndarray  # int32 [P, G, Tc]
+    mask: np.ndarray  # bool [P, G, Tc]
+    logprobs: np.ndarray  # float32 [P, G, Tc] sampler log-probs
+    truncated: np.ndarray  # bool [P, G]
+    rewards: np.ndarray  # float32 [P, G]
+    correct: np.ndarray  # bool [P, G]
+    errors: np.ndarray  # bool [P, G] verifier errors (reward forced to 0)
+    texts: list  # [P][G] decoded completions
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.task_ids)
+
+    def zero_advantage(self) -> np.ndarray:
+        """bool [P]: every completion of the prompt has the same reward (no learning signal)."""
+        return np.all(self.rewards == self.rewards[:, :1], axis=1)
+
+    def take(self, idx) -> Groups:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]
+        return Groups(**out)
+
+    @staticmethod
+    def concat(parts: Sequence[Groups]) -> Groups:
+        """Stacks groups along P. Prompt arrays are re-left-padded to the longest one."""
+        tp = max(g.prompt_tokens.shape[1] for g in parts)
+
+        def lpad(a, fill):
+            pad = tp - a.shape[1]
+            return np.pad(a, ((0, 0), (pad, 0)), constant_values=fill) if pad else a
+
+        out = {}
+        for f in dataclasses.fields(Groups):
+            vals = [getattr(g, f.name) for g in parts]
+            if f.name == "prompt_tokens":
+                vals = [lpad(v, 0) for v in vals]
+            elif f.name == "prompt_mask":
+                vals = [lpad(v, False) for v in vals]
+            out[f.name] = np.concatenate(vals) if isinstance(vals[0], np.ndarray) else sum(vals, [])
+        return Groups(**out)
+
+
+def collect(
+    items: Sequence,
+    *,
+    tasks: dict,
+    task_index: dict[str, int],
+    tokenizer,
+    generate: Callable,
+    key: jax.Array,
+    prompt_buckets: Sequence[int],
+    pad_id: int,
+    score_fn: Callable,
+) -> Groups:
+    """Rolls out ``items`` (task-sampler items with ``.task`` and ``.record``) and scores them.
+
+    ``generate(prompt_tokens, prompt_mask, key)`` returns a rollout with ``tokens``, ``logprobs``,
+    ``mask`` and ``truncated`` laid out ``[P, G, ...]``; ``score_fn(task, records, completions)``
+    returns one score per completion (``reward``, ``correct``, ``error``).
+    """
+    texts = [tasks[it.task].prompt(it.record) for it in items]
+    ptoks, pmask = hostio.encode_prompts(tokenizer, texts, prompt_buckets, pad_id)
+    out = jax.device_get(generate(ptoks, pmask, key))
+    tokens, cmask = np.asarray(out.tokens), np.asarray(out.mask).astype(bool)
+    p, g, _ = tokens.shape
+    flat_texts = hostio.decode_completions(
+        tokenizer, tokens.reshape(p * g, -1), cmask.reshape(p * g, -1)
+    )
+    rewards = np.zeros((p, g), np.float32)
+    correct = np.zeros((p, g), bool)
+    errors = np.zeros((p, g), bool)
+    # Score per task so each verifier sees a batch (its worker pool amortises start-up).
+    by_task: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_task.setdefault(it.task, []).append(i)
+    for name, rows in by_task.items():
+        recs = [items[i].record for i in rows for _ in range(g)]
+        comps = [flat_texts[i * g + j] for i in rows for j in range(g)]
+        scores = score_fn(tasks[name], recs, comps)
+        for k, s in enumerate(scores):
+            i, j = rows[k // g], k % g
+            rewards[i, j] = s.reward if np.isfinite(s.reward) else 0.0
+            correct[i, j] = bool(s.correct)
+            errors[i, j] = s.error is not None
+    return Groups(
+        task_ids=np.asarray([task_index[it.task] for it in items], np.int32),
+        items=list(items),
+        prompt_tokens=ptoks,
+        prompt_mask=pmask,
+        tokens=tokens,
+        mask=cmask,
+        logprobs=np.asarray(out.logprobs, np.float32),
+        truncated=np.asarray(out.truncated).astype(bool),
+        rewards=rewards,
+        correct=correct,
+        errors=errors,
+        texts=[flat_texts[i * g : (i + 1) * g] for i in range(p)],
+    )
+
+
+def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, factor: float = 1.0):
+    """DAPO's soft overlong punishment, counted in tokens.
+
+    0 up to ``max_len - buffer`` tokens, then falling linearly to ``-factor`` at ``max_len``
+    (and ``-factor`` beyond, i.e. truncated completions).
+    """
+    if buffer <= 0:
+        return np.where(lengths > max_len, -factor, 0.0).astype(np.float32)
+    start = max_len - buffer
+    pen = np.clip((start - lengths) / buffer, -1.0, 0.0) * factor
+    return pen.astype(np.float32)

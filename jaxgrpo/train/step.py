@@ -1,0 +1,227 @@
+"""The jitted train step: mu epochs x minibatches of clipped policy-gradient updates.
+
+One call consumes one rollout batch (:class:`~jaxgrpo.train.batch.TrainBatch`):
+
+1. Reference quantities, once, with the parameters at the start of the step: the "old" policy's
+   log-probs (recomputed in the trainer's layout unless the sampler's are trusted; the gap between
+   the two is logged) and the reference policy's log-probs when KL is on.
+2. ``lax.scan`` over ``epochs * num_minibatches`` minibatches (rows shuffled per epoch by a key
+   derived from the step): gradient of :func:`jaxgrpo.core.losses.policy_loss` accumulated
+   exactly over micro-batches (numerators summed, one shared denominator), then an optax update.
+   A non-finite loss or gradient skips that update and is counted.
+3. Optionally, one extra forward pass after each update gives every sequence's clipped surrogate
+   after the update; its per-task change is MT-GRPO's improvement signal I_k.
+
+Everything model-specific comes through ``ModelParts`` (split NNX model) and the model's
+``__call__(tokens, mask=..., return_hidden=True)`` and ``unembedding()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgrpo.core import losses as core_losses
+from jaxgrpo.core.logprobs import chunked_token_logprobs
+from jaxgrpo.core.masked import masked_mean
+from jaxgrpo.train.batch import TrainBatch
+from jaxgrpo.train.state import ModelParts, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static knobs of the train step (hashable; changing one recompiles)."""
+
+    epochs: int = 1  # mu: passes over the rollout batch
+    num_minibatches: int = 1  # optimiser updates per epoch
+    microbatches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
+    recompute_old_logp: bool = True  # old log-probs from the trainer, not the sampler
+    logprob_chunk: int = 256  # sequence positions per chunk in chunked_token_logprobs
+    # policy_loss keyword arguments
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_ratio_correction: bool = False
+    agg: str = "token_mean"
+    max_len: int | None = None
+    ratio_level: str = "token"
+    num_tasks: int = 0  # > 0: report the per-task improvement signal (MT-GRPO)
+    shuffle: bool = True
+
+    def loss_kwargs(self) -> dict:
+        kw = dict(
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            kl_ratio_correction=self.kl_ratio_correction,
+            agg=self.agg,
+            ratio_level=self.ratio_level,
+        )
+        if self.agg == "seq_mean_token_sum_norm":
+            kw["max_len"] = self.max_len
+        return kw
+
+
+def token_logprobs_fn(parts: ModelParts, chunk: int):
+    """``(params, tokens [n, T], attn [n, T]) -> (logp [n, T-1], entropy [n, T-1])``."""
+
+    def fn(params, tokens, attn):
+        model = parts.merge(params)
+        hidden = model(tokens[:, :-1], mask=attn[:, :-1], return_hidden=True)
+        return chunked_token_logprobs(
+            hidden, model.unembedding(), tokens[:, 1:], chunk_size=chunk, return_entropy=True
+        )
+
+    return fn
+
+
+def _reduce_terms(stacked: dict) -> dict:
+    """Combines aux terms stacked over micro-batches (sums, except the ratio extremes)."""
+    red = {"ratio_min": jnp.min, "ratio_max": jnp.max}
+    return {k: red.get(k, jnp.sum)(v, axis=0) for k, v in stacked.items()}
+
+
+def _rows(tree, idx):
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+def _split(tree, parts: int):
+    """[N, ...] -> [parts, N/parts, ...] for every leaf."""
+    return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), tree)
+
+
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: StepConfig):
+    """Builds the jitted, donated ``train_step(state, batch) -> (state, metrics)``.
+
+    ``metrics`` is a flat dict of scalars (means over minibatches), plus
+    ``"task_improvement"`` ``[epochs*num_minibatches, num_tasks]`` when ``cfg.num_tasks > 0``.
+    """
+    logp_fn = token_logprobs_fn(parts, cfg.logprob_chunk)
+    per_mb = cfg.epochs * cfg.num_minibatches
+
+    def batched_logp(params, batch: TrainBatch):
+        # Forward over the whole batch in micro-batch chunks (bounded memory), no gradient.
+        toks = _split(batch.tokens, cfg.microbatches * cfg.num_minibatches)
+        attn = _split(batch.attn_mask, cfg.microbatches * cfg.num_minibatches)
+        lp, _ = jax.lax.map(lambda xs: logp_fn(params, *xs), (toks, attn))
+        return jax.lax.stop_gradient(lp.reshape(batch.loss_mask.shape))
+
+    def loss_terms(params, mb: TrainBatch, old_logp, ref_logp, den_total, tok_total, ent_coef):
+        """Micro-batch share of the minibatch loss: num_i / den_total - c * entropy_sum_i / tokens."""
+        logp, ent = logp_fn(params, mb.tokens, mb.attn_mask)
+        num, _, aux = core_losses.policy_loss_terms(
+            logp,
+            old_logp,
+            mb.advantages,
+            mb.loss_mask,
+            ref_logp=ref_logp if cfg.kl_coef else None,
+            token_weights=mb.token_weights if cfg.agg == "block_mean" else None,
+            sequence_weights=mb.sequence_weights,
+            entropy=ent,
+            **cfg.loss_kwargs(),
+        )
+        ent_sum = jnp.sum(jnp.where(mb.loss_mask, ent, 0.0))
+        loss = num / den_total - ent_coef * ent_sum / tok_total
+        return loss, aux
+
+    def denominator(mb: TrainBatch):
+        """The loss denominator of a whole minibatch; it does not depend on the parameters."""
+        zeros = jnp.zeros(mb.loss_mask.shape, jnp.float32)
+        _, den, _ = core_losses.policy_loss_terms(
+            zeros, zeros, mb.advantages, mb.loss_mask,
+            token_weights=mb.token_weights if cfg.agg == "block_mean" else None,
+            sequence_weights=mb.sequence_weights,
+            **cfg.loss_kwargs(),
+        )
+        return den
+
+    def seq_surrogate(params, mb: TrainBatch, old_logp):
+        """Per-sequence clipped surrogate loss (token mean), for the improvement signal."""
+        logp, _ = logp_fn(params, mb.tokens, mb.attn_mask)
+        one = lambda lp, olp, a, m: core_losses.policy_loss(
+            lp[None], olp[None], a[None], m[None],
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg="seq_mean_token_mean",
+        )[0]
+        return jax.vmap(one)(logp, old_logp, mb.advantages, mb.loss_mask)
+
+    def minibatch_update(carry, xs):
+        params, opt_state, nonfinite, ent_coef = carry
+        mb, old_logp, ref_logp = xs
+        den = denominator(mb)
+        den = jnp.where(den > 0, den, 1.0)  # an empty minibatch has zero loss and zero gradient
+        tok = jnp.maximum(jnp.sum(mb.loss_mask.astype(jnp.float32)), 1.0)
+        micro = _split((mb, old_logp, ref_logp), cfg.microbatches)
+        grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
+
+        def accumulate(acc, m):
+            (loss_i, aux), g = grad_fn(params, *m, den, tok, ent_coef)
+            return (jax.tree.map(jnp.add, acc[0], g), acc[1] + loss_i), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss), auxs = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+        gnorm = optax.tree.norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
+        metrics = {f"loss/{k}": v for k, v in core_losses.aux_from_terms(_reduce_terms(auxs)).items()}
+        metrics.update({"loss/total": loss, "grad/global_norm": gnorm, "update/skipped": 1.0 - ok})
+        out = (metrics,)
+        if cfg.num_tasks > 0:
+            before = seq_surrogate(params, mb, old_logp)
+            after = seq_surrogate(new_params, mb, old_logp)
+            # I_k = -(sum over task-k sequences of the surrogate-loss change)
+            delta = jax.ops.segment_sum(
+                -(after - before), mb.task_ids, num_segments=cfg.num_tasks
+            )
+            out = (metrics, delta)
+        return (new_params, new_opt, nonfinite + (1 - ok.astype(jnp.int32)), ent_coef), out
+
+    def train_step(state: TrainState, batch: TrainBatch):
+        n = batch.tokens.shape[0]
+        if n % (cfg.num_minibatches * cfg.microbatches):
+            raise ValueError(
+                f"batch rows N={n} must divide by num_minibatches*microbatches="
+                f"{cfg.num_minibatches * cfg.microbatches}"
+            )
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        trainer_logp = batched_logp(state.params, batch)
+        old_logp = trainer_logp if cfg.recompute_old_logp else batch.old_logp
+        gap = masked_mean(jnp.abs(trainer_logp - batch.old_logp), batch.loss_mask)
+        if cfg.kl_coef and state.ref_params is None:
+            raise ValueError("kl_coef > 0 needs a reference policy: build the state with_ref=True")
+        ref_logp = batched_logp(state.ref_params, batch) if cfg.kl_coef else jnp.zeros_like(old_logp)
+        order = []
+        for e in range(cfg.epochs):
+            perm = jax.random.permutation(jax.random.fold_in(key, e), n) if cfg.shuffle else jnp.arange(n)
+            order.append(perm)
+        order = jnp.concatenate(order)  # [epochs * N]
+        xs = _rows((batch, old_logp, ref_logp), order)
+        xs = _split(xs, per_mb)
+        carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32), state.entropy_coef)
+        (params, opt_state, skipped, _), outs = jax.lax.scan(minibatch_update, carry, xs)
+        metrics = {k: jnp.mean(v) for k, v in outs[0].items()}
+        metrics["logp/sampler_trainer_gap"] = gap
+        metrics["update/skipped"] = skipped.astype(jnp.float32)
+        if cfg.num_tasks > 0:
+            metrics["task_improvement"] = outs[1]
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            nonfinite=state.nonfinite + skipped,
+        )
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+
