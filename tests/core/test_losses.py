@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jaxgrpo.core import losses
+from jaxgrpo.core.advantages import block_token_weights
 from jaxgrpo.core.losses import (
     accumulate_terms,
     aux_from_terms,
-    block_token_weights,
     loss_from_terms,
     policy_loss,
     policy_loss_terms,
