@@ -240,3 +240,14 @@ def test_bad_prompt_arrays_are_named(model):
         generate(model, prompt, pmask.astype(jnp.int32), jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_tokens"):
         generate(model, prompt[0], pmask[0], jax.random.key(0), max_new_tokens=2)
+
+
+def test_inverse_cdf_never_returns_zero_probability_tokens():
+    # V = 300 is not a multiple of the block; most tokens have probability exactly 0.
+    probs = np.zeros((4096, 300), np.float32)
+    probs[:, [0, 129, 255, 299]] = [0.1, 0.2, 0.3, 0.4]
+    probs[::2, 0] = 0.0  # some rows: the first block has no mass at all
+    tok = np.asarray(sampler_mod._inverse_cdf(jnp.asarray(probs), jax.random.key(0)))
+    assert (probs[np.arange(4096), tok] > 0).all()
+    odd = np.bincount(tok[1::2], minlength=300)[[0, 129, 255, 299]] / 2048
+    np.testing.assert_allclose(odd, [0.1, 0.2, 0.3, 0.4], atol=0.03)
