@@ -251,3 +251,14 @@ def test_inverse_cdf_never_returns_zero_probability_tokens():
     assert (probs[np.arange(4096), tok] > 0).all()
     odd = np.bincount(tok[1::2], minlength=300)[[0, 129, 255, 299]] / 2048
     np.testing.assert_allclose(odd, [0.1, 0.2, 0.3, 0.4], atol=0.03)
+
+
+def test_functional_entry_works_inside_an_outer_jit(model):
+    prompt, pmask = _prompts()
+    graphdef, state = nnx.split(model)
+    eager = generate_functional(graphdef, state, prompt, pmask, jax.random.key(7), **BASE)
+    inner = jax.jit(lambda st, t, m, k: generate_functional(graphdef, st, t, m, k, **BASE))
+    traced = inner(state, prompt, pmask, jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(traced.tokens), np.asarray(eager.tokens))
+    np.testing.assert_allclose(np.asarray(traced.logprobs), np.asarray(eager.logprobs),
+                               atol=1e-5, rtol=0)
