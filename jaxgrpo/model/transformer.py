@@ -78,7 +78,7 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxTxD, positions_BxT, inv_freq, kv, write_index, key_valid_BxS):
         """One block. ``kv`` is ``None`` (keys are this call's tokens) or ``(k, v)`` caches
-        ``[B, S, Hkv, Dh]`` into which this call's keys are written at slot ``write_index``.
+        ``[B, Hkv, S, Dh]`` into which this call's keys are written at slot ``write_index``.
 
         Returns the new activations and the (updated) ``(k, v)`` of this layer.
         """
@@ -95,27 +95,30 @@ class Block(nnx.Module):
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, dt)
             kk = rms_norm(kk, self.k_norm[...], cfg.rms_norm_eps, dt)
         q = apply_rope(q, positions_BxT, inv_freq)
-        kk = apply_rope(kk, positions_BxT, inv_freq)
+        # Keys/values as [B, Hkv, T, Dh]: per-(b, kv-head) contiguous [S, Dh] blocks make the
+        # decode-time attention a plain batched matmul.
+        kk = jnp.transpose(apply_rope(kk, positions_BxT, inv_freq), (0, 2, 1, 3))
+        v = jnp.transpose(v, (0, 2, 1, 3))
         if kv is None:
             k_all, v_all = kk, v
             q_slot = jnp.arange(t)
         else:
             k_cache, v_cache = kv
             k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, kk.astype(k_cache.dtype),
-                                                        write_index, axis=1)
+                                                        write_index, axis=2)
             v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
-                                                        write_index, axis=1)
+                                                        write_index, axis=2)
             q_slot = write_index + jnp.arange(t)
-        s = k_all.shape[1]
+        s = k_all.shape[2]
         allowed_BxTxS = key_valid_BxS[:, None, :] & (
             jnp.arange(s)[None, None, :] <= q_slot[None, :, None])
         r = h // k
         q5 = q.reshape(b, t, k, r, cfg.head_dim)
-        scores = jnp.einsum("btkrh,bskh->bkrts", q5, k_all.astype(dt),
+        scores = jnp.einsum("btkrh,bksh->bkrts", q5, k_all.astype(dt),
                             preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
         scores = jnp.where(allowed_BxTxS[:, None, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        att = jnp.einsum("bkrts,bskh->btkrh", probs, v_all.astype(dt))
+        att = jnp.einsum("bkrts,bksh->btkrh", probs, v_all.astype(dt))
         att = att.reshape(b, t, h, cfg.head_dim)
         x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", att, self.o_weight[...].astype(dt))
         y = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps, dt)
@@ -170,8 +173,8 @@ class Transformer(nnx.Module):
             raise TypeError(f"tokens must be integer (int32), got {tokens.dtype}")
 
     def init_cache(self, batch: int, max_len: int) -> list[tuple[jax.Array, jax.Array]]:
-        """Zeroed KV cache: one ``(k, v)`` pair ``[B, S, Hkv, Dh]`` per layer, compute dtype."""
-        shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+        """Zeroed KV cache: one ``(k, v)`` pair ``[B, Hkv, S, Dh]`` per layer, compute dtype."""
+        shape = (batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
         dt = _dtype(self.cfg.dtype)
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(self.cfg.num_layers)]
 
@@ -181,7 +184,7 @@ class Transformer(nnx.Module):
         Args:
             tokens_BxT: int32 ``[B, T]`` new tokens, written to slots ``write_index..+T-1``.
             positions_BxT: int32 ``[B, T]`` RoPE positions of those tokens.
-            cache: list of per-layer ``(k, v)`` ``[B, S, Hkv, Dh]`` (see ``init_cache``).
+            cache: list of per-layer ``(k, v)`` ``[B, Hkv, S, Dh]`` (see ``init_cache``).
             write_index: int32 scalar slot of the first new token (shared by the batch).
             key_valid_BxS: bool ``[B, S]``, slots holding real tokens (the new ones included).
 

@@ -67,13 +67,34 @@ def _sample(logits_NxV, key, *, greedy, temperature, top_k, top_p):
         thresh_Nx1 = jnp.min(jnp.where(keep_NxV, sorted_NxV, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled < thresh_Nx1, -jnp.inf, scaled)
     logp_NxV = jax.nn.log_softmax(scaled, axis=-1)
-    # Inverse-CDF sampling: one uniform per row (cheaper than Gumbel noise over V).
-    cdf_NxV = jnp.cumsum(jnp.exp(logp_NxV), axis=-1)
-    u_Nx1 = jax.random.uniform(key, (logits_NxV.shape[0], 1), jnp.float32,
-                               minval=jnp.finfo(jnp.float32).tiny) * cdf_NxV[:, -1:]
-    tok_N = jnp.sum(cdf_NxV < u_Nx1, axis=-1).astype(jnp.int32)
-    tok_N = jnp.minimum(tok_N, logits_NxV.shape[-1] - 1)
+    tok_N = _inverse_cdf(jnp.exp(logp_NxV), key)
     return tok_N, jnp.take_along_axis(logp_NxV, tok_N[:, None], axis=-1)[:, 0]
+
+
+def _inverse_cdf(probs_NxV, key, block: int = 128):
+    """One draw per row from unnormalised ``probs`` with one uniform per row.
+
+    Two-level inverse CDF: find the block of ``block`` tokens, then the token inside it. This
+    avoids a cumulative sum over the whole vocabulary (slow on CPU) and Gumbel noise over ``V``.
+    A token of probability 0 is never returned.
+    """
+    n, v = probs_NxV.shape
+    nb = -(-v // block)
+    if nb * block != v:
+        probs_NxV = jnp.pad(probs_NxV, ((0, 0), (0, nb * block - v)))
+    blocks_NxBxK = probs_NxV.reshape(n, nb, block)
+    bsum_NxB = jnp.sum(blocks_NxBxK, axis=-1)
+    bcdf_NxB = jnp.cumsum(bsum_NxB, axis=-1)
+    u_N = jax.random.uniform(key, (n,), jnp.float32) * bcdf_NxB[:, -1]
+    bi_N = jnp.minimum(jnp.sum(bcdf_NxB <= u_N[:, None], axis=-1), nb - 1)
+    within_NxK = jnp.take_along_axis(blocks_NxBxK, bi_N[:, None, None], axis=1)[:, 0]
+    before_N = jnp.take_along_axis(bcdf_NxB - bsum_NxB, bi_N[:, None], axis=1)[:, 0]
+    wcdf_NxK = jnp.cumsum(within_NxK, axis=-1)
+    # The first token whose cumulative mass exceeds the remainder; the clamp keeps float rounding
+    # between the two summation orders from stepping past the block's last non-zero token.
+    u2_N = jnp.minimum(u_N - before_N, wcdf_NxK[:, -1] * (1 - 1e-6))
+    wi_N = jnp.minimum(jnp.sum(wcdf_NxK <= u2_N[:, None], axis=-1), block - 1)
+    return (bi_N * block + wi_N).astype(jnp.int32)
 
 
 # Static knobs select the program; temperature and the EOS ids are traced values, so changing

@@ -240,3 +240,25 @@ def test_bad_prompt_arrays_are_named(model):
         generate(model, prompt, pmask.astype(jnp.int32), jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_tokens"):
         generate(model, prompt[0], pmask[0], jax.random.key(0), max_new_tokens=2)
+
+
+def test_inverse_cdf_never_returns_zero_probability_tokens():
+    # V = 300 is not a multiple of the block; most tokens have probability exactly 0.
+    probs = np.zeros((4096, 300), np.float32)
+    probs[:, [0, 129, 255, 299]] = [0.1, 0.2, 0.3, 0.4]
+    probs[::2, 0] = 0.0  # some rows: the first block has no mass at all
+    tok = np.asarray(sampler_mod._inverse_cdf(jnp.asarray(probs), jax.random.key(0)))
+    assert (probs[np.arange(4096), tok] > 0).all()
+    odd = np.bincount(tok[1::2], minlength=300)[[0, 129, 255, 299]] / 2048
+    np.testing.assert_allclose(odd, [0.1, 0.2, 0.3, 0.4], atol=0.03)
+
+
+def test_functional_entry_works_inside_an_outer_jit(model):
+    prompt, pmask = _prompts()
+    graphdef, state = nnx.split(model)
+    eager = generate_functional(graphdef, state, prompt, pmask, jax.random.key(7), **BASE)
+    inner = jax.jit(lambda st, t, m, k: generate_functional(graphdef, st, t, m, k, **BASE))
+    traced = inner(state, prompt, pmask, jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(traced.tokens), np.asarray(eager.tokens))
+    np.testing.assert_allclose(np.asarray(traced.logprobs), np.asarray(eager.logprobs),
+                               atol=1e-5, rtol=0)

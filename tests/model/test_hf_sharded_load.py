@@ -1,0 +1,34 @@
+"""load_hf places each parameter in its target sharding on a mesh (8 simulated CPU devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, PartitionSpec
+
+from jaxgrpo.model import load_hf
+from tests.model.hf_helpers import build_tiny_hf
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.hf, pytest.mark.multidevice]
+
+
+def test_load_into_mesh_shardings(tmp_path):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
+    build_tiny_hf(tmp_path, "qwen2", tie_word_embeddings=False)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"),
+                axis_types=(AxisType.Auto, AxisType.Auto))
+    rules = {"embed": "fsdp", "vocab": None, "heads": "tensor", "mlp": "tensor"}
+    model = load_hf(tmp_path, mesh=mesh, rules=rules)
+    qkv = model.layers[0].qkv_weight[...]
+    assert qkv.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    assert len(qkv.addressable_shards) == 8
+    assert qkv.addressable_shards[0].data.shape == (64 // 2, 8 // 4, 16)
+    assert model.layers[1].down_weight[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert model.embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
+    plain = load_hf(tmp_path)
+    np.testing.assert_array_equal(np.asarray(qkv), np.asarray(plain.layers[0].qkv_weight[...]))
+    tokens = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
+    got = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))  # runs on the sharded params
+    np.testing.assert_allclose(got, np.asarray(plain(tokens)), atol=1e-5, rtol=0)
