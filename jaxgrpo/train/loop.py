@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxgrpo import metrics as metrics_lib
 from jaxgrpo.checkpoint import Checkpointer
-from jaxgrpo.config import Algo, Estimator, ExperimentConfig, save_config
+from jaxgrpo.config import Algo, Estimator, ExperimentConfig, flatten_config, save_config
 from jaxgrpo.core import advantages as core_adv
 from jaxgrpo.data import Group, RatioPreservingSampler, TaskSampler
 from jaxgrpo.rollout import generate_functional
@@ -202,8 +202,15 @@ def initial_state(cfg: ExperimentConfig, params, tx=None):
     )
 
 
-def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> dict:
-    """Trains as configured; returns a summary with per-task accuracy before and after."""
+def run(
+    cfg: ExperimentConfig, *, resume: bool = False, stop_after: int | None = None, stream=sys.stderr
+) -> dict:
+    """Trains as configured; returns a summary with per-task accuracy before and after.
+
+    ``resume`` continues from the latest checkpoint under the run's directory. ``stop_after``
+    ends this process's work after that many steps (with a checkpoint), as a preemption would;
+    a later ``resume`` continues exactly where it stopped.
+    """
     # ---- SET-UP --------------------------------------------------------------------------
     su = setup(cfg, stream=stream)
     workdir, names, tasks, ratios, policy, log = (
@@ -219,6 +226,11 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
     ckpt_dir = pathlib.Path(cfg.checkpoint.dir or workdir / "checkpoints")
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.asynchronous)
     restoring = resume and ckpt.latest_step() is not None
+    if not resume and ckpt.latest_step() is not None:
+        raise ValueError(
+            f"{ckpt_dir} already holds checkpoints (step {ckpt.latest_step()}): pass --resume to "
+            "continue that run, or set train.workdir to a new directory"
+        )
 
     # ---- SFT WARM START (fresh runs only: a checkpoint already holds its result) ----------
     es, eval_key = su.eval_sets, su.eval_key
@@ -259,7 +271,11 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
     log("accuracy before RL: " + _fmt_acc(summary["accuracy_before"]))
 
     # ---- LOOP ----------------------------------------------------------------------------
-    writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
+    log_path = workdir / "metrics.jsonl"
+    if not restoring and log_path.exists():
+        log_path.unlink()
+    writer = metrics_lib.JsonlWriter(log_path, resume_step=int(state.step) if restoring else None)
+    writer.write_hparams(flatten_config(cfg))
     guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
     progress = metrics_lib.ProgressBar(cfg.train.steps, stream=stream) if cfg.logging.progress else None
     gen = policy.generator(
@@ -268,7 +284,8 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, stream=sys.stderr) -> di
     )
     start_step = last_saved = int(state.step)
     pending = None  # (step, host metrics, device metrics): fetched one step late
-    for step in range(start_step, cfg.train.steps):
+    end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    for step in range(start_step, end_step):
         t0 = time.perf_counter()
         step_key = jax.random.fold_in(base_key, step)
         rounds: list[rollouts.Groups] = []

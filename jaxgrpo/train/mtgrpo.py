@@ -55,11 +55,8 @@ class TaskWeightUpdater:
         )
 
     def metrics(self) -> dict[str, float]:
-        out = {}
-        for i, (name, z) in enumerate(self.weights().items()):
-            out[f"task/{name}/weight"] = z
-            out[f"task/{name}/acc_ema"] = float(self.acc[i])
-        return out
+        """J_k after this step's update (z itself is logged by the batch sampler)."""
+        return {f"task/{name}/acc_ema": float(a) for name, a in zip(self.names, self.acc, strict=True)}
 
     def get_state(self) -> dict:
         leaves = jax.tree.leaves(self.opt_state)
