@@ -53,6 +53,7 @@ class Policy:
     tokenizer: object
     pad_id: int
     eos_ids: tuple[int, ...]
+    matmul_params: int = 0  # for model-FLOP accounting
 
     def generator(self, *, num_samples, max_new_tokens, temperature, top_k, top_p, buckets):
         def gen(params, prompt_tokens, prompt_mask, key):
@@ -172,7 +173,8 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr) -> Setup:
     model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed, workdir=workdir)
     pad_id, eos_ids = special_ids(tokenizer)
     parts, params = split_model(model)
-    policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids)
+    policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids,
+                    matmul_params=int(model.cfg.matmul_params))
     eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**30)
     return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
 
@@ -271,10 +273,15 @@ def run(
     log("accuracy before RL: " + _fmt_acc(summary["accuracy_before"]))
 
     # ---- LOOP ----------------------------------------------------------------------------
+    peak = measure_matmul_peak()
     log_path = workdir / "metrics.jsonl"
     if not restoring and log_path.exists():
         log_path.unlink()
     writer = metrics_lib.JsonlWriter(log_path, resume_step=int(state.step) if restoring else None)
+    if cfg.logging.tensorboard:
+        writer = metrics_lib.MultiWriter(
+            [writer, metrics_lib.TensorBoardWriter(cfg.logging.dir or workdir / "tensorboard")]
+        )
     writer.write_hparams(flatten_config(cfg))
     guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
     progress = metrics_lib.ProgressBar(cfg.train.steps, stream=stream) if cfg.logging.progress else None
@@ -317,6 +324,11 @@ def run(
         if pending is not None:
             _flush(pending, writer, guard, progress)
         host = _rollout_metrics(groups, rounds, names, result, t_rollout)
+        # Model FLOPs: rollout forward (2N per token) + old-log-prob forward and fwd/bwd (8N).
+        host["perf/model_flops"] = 2.0 * policy.matmul_params * (
+            host["rollout/tokens"] + groups.prompt_mask.sum() * rc.group_size
+        ) + 8.0 * policy.matmul_params * tb.tokens.size
+        host["perf/peak_flops"] = peak
         pending = (step, host, dev_metrics, t0)
         if mt is not None:
             everything = rollouts.Groups.concat(rounds)
@@ -342,6 +354,19 @@ def run(
     summary["params"] = state.params
     summary["task_sampler_state"] = prompts.get_state()
     return summary
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 ``n^3`` matmul (median), the denominator of ``perf/mfu``."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / float(np.median(times))
 
 
 def _fmt_acc(acc: dict) -> str:
@@ -415,7 +440,9 @@ def _flush(pending, writer, guard, progress) -> None:
     dev = jax.device_get(dev)
     dev.pop("task_improvement", None)
     scalars = {**host, **metrics_lib.to_scalars(dev)}
-    scalars["time/step_s"] = time.perf_counter() - t0
+    dt = scalars["time/step_s"] = time.perf_counter() - t0
+    scalars["perf/tokens_per_s"] = scalars["rollout/tokens"] / dt
+    scalars["perf/mfu"] = scalars.pop("perf/model_flops") / dt / scalars.pop("perf/peak_flops")
     guard.check(step, scalars)
     scalars.update(guard.metrics())
     writer.write_scalars(step + 1, scalars)

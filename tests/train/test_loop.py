@@ -71,12 +71,13 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(nano_model, tmp_path):
 
 
 def test_run_writes_config_metrics_and_checkpoints(nano_model, tmp_path):
-    out = _run(tmp_path, **{"train.steps": 2})
+    out = _run(tmp_path, **{"train.steps": 2, "logging.tensorboard": True})
+    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "config.yaml").exists()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     keys = set().union(*rows)
     for k in ("loss/total", "grad/global_norm", "loss/clip_frac_high", "reward/mean",
-              "logp/sampler_trainer_gap", "time/step_s"):
+              "logp/sampler_trainer_gap", "time/step_s", "perf/mfu", "perf/tokens_per_s"):
         assert k in keys, k
     assert any(k.startswith("task/") and k.endswith("/zero_adv_frac") for k in keys)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
