@@ -30,12 +30,14 @@ from flax import nnx
 
 from jaxgrpo import metrics as metrics_lib
 from jaxgrpo.checkpoint import Checkpointer
-from jaxgrpo.config import Algo, Estimator, ExperimentConfig, flatten_config, save_config
+from jaxgrpo.config import Agg, Algo, Estimator, ExperimentConfig, flatten_config, save_config
 from jaxgrpo.core import advantages as core_adv
 from jaxgrpo.data import Group, RatioPreservingSampler, TaskSampler
 from jaxgrpo.rollout import generate_functional
 from jaxgrpo.tasks import MIXTURES, get_task, score_many
+from jaxgrpo.tasks.structured import StructuredTask
 from jaxgrpo.train import batch as batch_lib
+from jaxgrpo.train import blocks as blocks_lib
 from jaxgrpo.train import rollouts, sft
 from jaxgrpo.train.mtgrpo import TaskWeightUpdater
 from jaxgrpo.train.optim import make_optimizer
@@ -82,11 +84,15 @@ def resolve_tasks(cfg: ExperimentConfig):
 
 
 def compute_advantages(rewards, valid, cfg: ExperimentConfig):
-    """``[P, G]`` advantages for the configured estimator (host NumPy in, NumPy out)."""
+    """``[P, G]`` advantages for a scalar-reward estimator (host NumPy in, NumPy out).
+
+    ``blockwise`` needs per-block rewards and token block ids: see :func:`batch_advantages`.
+    """
     lc = cfg.loss
     if lc.estimator == Estimator.BLOCKWISE:
         raise ValueError(
-            "loss.estimator 'blockwise' needs tasks with structured blocks; use the BAE trainer"
+            "loss.estimator 'blockwise' needs block rewards and token block ids: call "
+            "batch_advantages(groups, valid, cfg)"
         )
     adv = core_adv.group_relative(
         jnp.asarray(rewards),
@@ -97,6 +103,47 @@ def compute_advantages(rewards, valid, cfg: ExperimentConfig):
         eps=lc.eps,
     )
     return np.asarray(adv)
+
+
+def batch_advantages(groups: rollouts.Groups, valid, cfg: ExperimentConfig):
+    """``(advantages, token_weights)`` for the train batch.
+
+    Scalar estimators: ``[P, G]`` advantages and no token weights. ``blockwise`` (BAE): block k's
+    advantage (``loss.block_baselines[k]``, OCB strata from the first block's correctness) on
+    block k's tokens ``[P, G, Tc]``, with the ``block_mean`` weights ``1 / |T_k|``.
+    """
+    lc = cfg.loss
+    if lc.estimator != Estimator.BLOCKWISE:
+        return compute_advantages(groups.rewards, valid, cfg), None
+    _, tok, weights = blocks_lib.blockwise_token_advantages(
+        groups.blocks, groups.correct, valid, groups.block_ids,
+        baselines=lc.block_baselines, std_normalize=lc.block_std_normalize, eps=lc.eps,
+    )
+    return tok, weights
+
+
+def check_blockwise(cfg: ExperimentConfig, tasks: dict) -> None:
+    """Start-of-run checks of a ``blockwise`` configuration against its tasks (one-line errors)."""
+    lc = cfg.loss
+    if lc.estimator != Estimator.BLOCKWISE:
+        if lc.agg == Agg.BLOCK_MEAN:
+            raise ValueError("loss.agg 'block_mean' needs loss.estimator 'blockwise' (BAE)")
+        return
+    if lc.agg != Agg.BLOCK_MEAN:
+        raise ValueError(
+            f"loss.estimator 'blockwise' needs loss.agg 'block_mean' (got {str(lc.agg)!r})"
+        )
+    for name, task in tasks.items():
+        if not isinstance(task, StructuredTask):
+            raise ValueError(
+                f"loss.estimator 'blockwise' needs structured tasks (e.g. "
+                f"'confidence' with option base=...), but task {name!r} has no blocks"
+            )
+        if task.num_blocks != len(lc.block_baselines):
+            raise ValueError(
+                f"loss.block_baselines has {len(lc.block_baselines)} entries but task "
+                f"{name!r} has {task.num_blocks} blocks"
+            )
 
 
 def make_batch_sampler(cfg: ExperimentConfig, names, seed: int) -> RatioPreservingSampler:
@@ -218,6 +265,7 @@ def run(
     workdir, names, tasks, ratios, policy, log = (
         su.workdir, su.names, su.tasks, su.ratios, su.policy, su.log
     )
+    check_blockwise(cfg, tasks)
     save_config(cfg, workdir / "config.yaml")
     base_key = jax.random.key(cfg.train.seed)
     task_index = {n: i for i, n in enumerate(names)}
@@ -290,6 +338,14 @@ def run(
         top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets,
     )
     start_step = last_saved = int(state.step)
+    blockwise = lc.estimator == Estimator.BLOCKWISE
+    ent_ctl = (
+        blocks_lib.EntropyController(
+            target=lc.target_entropy, delta=lc.entropy_delta, max_coef=lc.entropy_coef_max
+        )
+        if lc.adaptive_entropy
+        else None
+    )
     pending = None  # (step, host metrics, device metrics): fetched one step late
     end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     for step in range(start_step, end_step):
@@ -303,7 +359,8 @@ def run(
                 items, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
                 generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
                 key=jax.random.fold_in(_key, len(_rounds)), prompt_buckets=rc.prompt_buckets,
-                pad_id=pad_id, score_fn=score_many,
+                pad_id=pad_id, score_fn=score_many, with_blocks=blockwise,
+                eos_ids=policy.eos_ids,
             )
             _apply_overlong(g, cfg)
             r = len(_rounds)
@@ -315,15 +372,26 @@ def run(
         groups = rollouts.Groups.concat([rounds[r].take([i]) for r, i in chosen])
         valid = ~np.asarray(result.padded)[:, None] & ~groups.errors
         t_rollout = time.perf_counter() - t0
-        adv = compute_advantages(groups.rewards, valid, cfg)
+        adv, token_weights = batch_advantages(groups, valid, cfg)
         tb = batch_lib.assemble(
             groups.prompt_tokens, groups.prompt_mask, groups.tokens, groups.mask, adv,
             old_logp=groups.logprobs, valid=valid, task_ids=groups.task_ids, pad_id=pad_id,
+            token_weights=token_weights,
         )
+        coef_used = float(state.entropy_coef) if ent_ctl is not None else 0.0  # (donated next)
         state, dev_metrics = train_step(state, tb)
+        if ent_ctl is not None:
+            # The next rollout waits for this step's parameters anyway: fetching one scalar
+            # here costs no overlap.
+            coef = ent_ctl.update(coef_used, float(dev_metrics["loss/entropy_mean"]))
+            state = state.replace(entropy_coef=jnp.asarray(coef, jnp.float32))
         if pending is not None:
             _flush(pending, writer, guard, progress)
         host = _rollout_metrics(groups, rounds, names, result, t_rollout)
+        if blockwise:
+            host.update(_block_metrics(groups, valid, adv, cfg))
+        if ent_ctl is not None:
+            host["loss/entropy_coef"] = coef_used
         # Model FLOPs: rollout forward (2N per token) + old-log-prob forward and fwd/bwd (8N).
         host["perf/model_flops"] = 2.0 * policy.matmul_params * (
             host["rollout/tokens"] + groups.prompt_mask.sum() * rc.group_size
@@ -432,6 +500,22 @@ def _rollout_metrics(groups: rollouts.Groups, rounds, names, result, seconds) ->
     out["rollout/length_mean"] = float(lengths.mean())
     out["time/rollout_s"] = seconds
     out["rollout/tokens"] = float(everything.mask.sum())
+    return out
+
+
+def _block_metrics(groups: rollouts.Groups, valid, token_adv, cfg: ExperimentConfig) -> dict:
+    """Per-block reward and advantage summaries (BAE), over valid samples."""
+    out = {}
+    v = np.asarray(valid, bool)
+    for k in range(groups.blocks.shape[-1]):
+        inside = groups.block_ids == k  # [P, G, Tc]
+        has = inside.any(-1) & v
+        r = groups.blocks[..., k][v]
+        out[f"blocks/{k}/reward_mean"] = float(r.mean()) if r.size else 0.0
+        out[f"blocks/{k}/present_frac"] = float(has.sum() / max(v.sum(), 1))
+        out[f"blocks/{k}/tokens_mean"] = float(inside.sum(-1)[has].mean()) if has.any() else 0.0
+        a = np.where(inside, token_adv, 0.0).sum(-1) / np.maximum(inside.sum(-1), 1)
+        out[f"blocks/{k}/adv_abs_mean"] = float(np.abs(a[has]).mean()) if has.any() else 0.0
     return out
 
 

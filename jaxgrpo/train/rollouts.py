@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxgrpo.train import hostio
+from jaxgrpo.train.blocks import rollout_block_ids
 
 
 @dataclasses.dataclass
@@ -33,6 +34,8 @@ class Groups:
     correct: np.ndarray  # bool [P, G]
     errors: np.ndarray  # bool [P, G] verifier errors (reward forced to 0)
     texts: list  # [P][G] decoded completions
+    blocks: np.ndarray  # float32 [P, G, K] per-block rewards (K = 0 for unstructured tasks)
+    block_ids: np.ndarray  # int32 [P, G, Tc] token block ids, -1 outside blocks (or not asked)
 
     @property
     def num_prompts(self) -> int:
@@ -81,12 +84,16 @@ def collect(
     prompt_buckets: Sequence[int],
     pad_id: int,
     score_fn: Callable,
+    with_blocks: bool = False,
+    eos_ids: Sequence[int] = (),
 ) -> Groups:
     """Rolls out ``items`` (task-sampler items with ``.task`` and ``.record``) and scores them.
 
     ``generate(prompt_tokens, prompt_mask, key)`` returns a rollout with ``tokens``, ``logprobs``,
     ``mask`` and ``truncated`` laid out ``[P, G, ...]``; ``score_fn(task, records, completions)``
-    returns one score per completion (``reward``, ``correct``, ``error``).
+    returns one score per completion (``reward``, ``correct``, ``error``, ``blocks``).
+    ``with_blocks`` maps the structured parser's blocks onto the sampled tokens (BAE; every task
+    must then be a structured task); otherwise ``block_ids`` is all -1.
     """
     texts = [tasks[it.task].prompt(it.record) for it in items]
     ptoks, pmask = hostio.encode_prompts(tokenizer, texts, prompt_buckets, pad_id)
@@ -99,6 +106,7 @@ def collect(
     rewards = np.zeros((p, g), np.float32)
     correct = np.zeros((p, g), bool)
     errors = np.zeros((p, g), bool)
+    block_lists: dict[tuple[int, int], tuple] = {}
     # Score per task so each verifier sees a batch (its worker pool amortises start-up).
     by_task: dict[str, list[int]] = {}
     for i, it in enumerate(items):
@@ -112,6 +120,24 @@ def collect(
             rewards[i, j] = s.reward if np.isfinite(s.reward) else 0.0
             correct[i, j] = bool(s.correct)
             errors[i, j] = s.error is not None
+            block_lists[i, j] = tuple(s.blocks) if s.error is None else ()
+    num_blocks = max((len(b) for b in block_lists.values()), default=0)
+    blocks = np.zeros((p, g, num_blocks), np.float32)
+    for (i, j), b in block_lists.items():
+        if len(b) == num_blocks:
+            blocks[i, j] = b
+    truncated = np.asarray(out.truncated).astype(bool)
+    block_ids = np.full(tokens.shape, -1, np.int32)
+    if with_blocks:
+        for name, rows in by_task.items():
+            sel = np.asarray(rows)
+            ids = rollout_block_ids(
+                tasks[name], tokenizer, tokens[sel].reshape(len(rows) * g, -1),
+                cmask[sel].reshape(len(rows) * g, -1),
+                [flat_texts[i * g + j] for i in rows for j in range(g)],
+                truncated[sel].reshape(-1), eos_ids,
+            )
+            block_ids[sel] = ids.reshape(len(rows), g, -1)
     return Groups(
         task_ids=np.asarray([task_index[it.task] for it in items], np.int32),
         items=list(items),
@@ -120,11 +146,13 @@ def collect(
         tokens=tokens,
         mask=cmask,
         logprobs=np.asarray(out.logprobs, np.float32),
-        truncated=np.asarray(out.truncated).astype(bool),
+        truncated=truncated,
         rewards=rewards,
         correct=correct,
         errors=errors,
         texts=[flat_texts[i * g : (i + 1) * g] for i in range(p)],
+        blocks=blocks,
+        block_ids=block_ids,
     )
 
 
