@@ -133,6 +133,11 @@ def check_blockwise(cfg: ExperimentConfig, tasks: dict) -> None:
         raise ValueError(
             f"loss.estimator 'blockwise' needs loss.agg 'block_mean' (got {str(lc.agg)!r})"
         )
+    if cfg.algo.overlong.buffer > 0:
+        raise ValueError(
+            "algo.overlong.buffer > 0 penalises the scalar reward, which loss.estimator "
+            "'blockwise' does not use: set it to 0 (truncated completions lose their last block)"
+        )
     for name, task in tasks.items():
         if not isinstance(task, StructuredTask):
             raise ValueError(

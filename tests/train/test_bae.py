@@ -98,6 +98,47 @@ def test_rollout_block_ids_split_at_analysis_and_give_eos_to_the_last_block(tok)
                                  np.array([False, True]), [tok.eos_token_id])
 
 
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE (GPT-2 / Qwen style) trained in memory on structured completions."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    core = tokenizers.Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([GOLD, GOLD.replace("0.8", "0.25").replace("7", "12")] * 20, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("canonical", [True, False])
+def test_block_ids_with_a_byte_level_bpe_follow_the_text(bpe, canonical):
+    """Sampled ids need not be the tokenizer's own segmentation: a character-by-character
+    sequence decodes to the same text and must get the same block per character."""
+    task = get_task("confidence", base="addition@1")
+    if canonical:
+        ids = bpe(GOLD, add_special_tokens=False)["input_ids"]
+        assert len(ids) < len(GOLD) // 2  # merges happened
+    else:
+        ids = [bpe.convert_tokens_to_ids(bpe.tokenize(ch))[0] for ch in GOLD]
+    ids = ids + [bpe.eos_token_id]
+    text = bpe.decode(ids, skip_special_tokens=True)
+    assert text == GOLD
+    off = blocks.token_offsets(bpe, ids, text)
+    assert off[0][0] == 0 and off[-2][1] == len(GOLD) and off[-1] == (len(GOLD), len(GOLD))
+    assert all(a[1] == b[0] for a, b in zip(off, off[1:], strict=False))  # contiguous
+    assert "".join(text[s:e] for s, e in off) == text
+    tokens = np.asarray([ids], np.int32)
+    out = blocks.rollout_block_ids(task, bpe, tokens, np.ones_like(tokens, bool), [text],
+                                   np.array([False]), [bpe.eos_token_id])[0]
+    split = GOLD.index("<analysis>")
+    want = [0 if s < split else 1 for s, e in off[:-1]] + [1]
+    np.testing.assert_array_equal(out, want)
+
+
 # ---- advantages on tokens ------------------------------------------------------------------
 
 
@@ -272,6 +313,11 @@ def test_blockwise_needs_block_mean_and_structured_tasks(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path, **{**BAE, "loss.block_baselines": "[ocb]"}))
     with pytest.raises(ValueError, match="has 2 blocks"):
         loop.check_blockwise(cfg, {"c": get_task("confidence", base="addition@1")})
+    cfg = load_config(None, tiny_overrides(tmp_path, **{**BAE, "algo.overlong.buffer": 4}))
+    with pytest.raises(ValueError, match="algo.overlong.buffer"):
+        loop.check_blockwise(cfg, {"c": get_task("confidence", base="addition@1")})
+    loop.check_blockwise(load_config(None, tiny_overrides(tmp_path, **BAE)),
+                         {"c": get_task("confidence", base="addition@1")})
 
 
 @pytest.mark.slow
@@ -343,3 +389,20 @@ def test_bae_configs_load(name):
         assert cfg.rollout.group_size == 32 and cfg.tasks.prompts_per_step == 64
         assert cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps == 64
         assert cfg.loss.adaptive_entropy and cfg.loss.target_entropy == 0.2
+
+
+@pytest.mark.slow
+def test_bae_demo_config_smoke_run(nano_model, tmp_path):
+    """configs/bae_demo.yaml as shipped (SFT warm start, real parser and verifier), shrunk."""
+    over = {"train.workdir": str(tmp_path), "train.steps": 2, "train.eval_every": 0,
+            "model.sft.steps": 3, "model.sft.batch_size": 4, "tasks.prompts_per_step": 4,
+            "tasks.eval_prompts": 2, "rollout.group_size": 4, "rollout.eval_samples": 2,
+            "checkpoint.every": 0, "checkpoint.asynchronous": False, "logging.progress": False}
+    cfg = load_config(ROOT / "configs" / "bae_demo.yaml", [f"{k}={v}" for k, v in over.items()])
+    out = loop.run(cfg, stream=io.StringIO())
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][:2]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert np.isfinite(r["loss/total"]) and r["blocks/0/present_frac"] > 0
+        assert r["loss/entropy_coef"] >= 0
+    assert set(out["accuracy_after"]) == {"confidence"}
