@@ -7,7 +7,10 @@ One RL step:
    weights z, with per-task counts preserved after filtering). Each round draws prompts from the
    host task sampler, rolls them out (G completions each, jitted KV-cache sampler) and verifies
    the completions on the host.
-2. **Advantages** from the ``[P, G]`` rewards (``jaxgrpo.core.advantages``).
+2. **Advantages** from the ``[P, G]`` rewards (``jaxgrpo.core.advantages``); for BAE
+   (``loss.estimator: blockwise``) from the ``[P, G, K]`` block rewards, placed on each block's
+   tokens with ``block_mean`` weights (``jaxgrpo.train.blocks``). With ``loss.adaptive_entropy``
+   the entropy coefficient then steps toward ``loss.target_entropy`` after every update.
 3. **Update**: one jitted, donated train step (mu epochs x minibatches inside ``lax.scan``).
 4. **Book-keeping**: MT-GRPO task weights from the step's improvement signal, metrics (fetched
    after the next step is dispatched), periodic per-task evaluation, checkpoints.
