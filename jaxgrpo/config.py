@@ -526,7 +526,7 @@ class TrainConfig:
 # model, prompts of at most 24 tokens and completions of at most 10 keep one GRPO step near a
 # second on a CPU; the SFT warm start gives every task a nonzero success rate before RL.
 def _demo_model() -> ModelConfigSpec:
-    return ModelConfigSpec(preset="demo", sft=SFTConfig(steps=500, lr=5e-3, batch_size=128))
+    return ModelConfigSpec(preset="demo", sft=SFTConfig(steps=500, lr=3e-3, batch_size=128))
 
 
 def _demo_rollout() -> RolloutConfig:
@@ -538,7 +538,7 @@ def _demo_tasks() -> TasksConfig:
 
 
 def _demo_optim() -> OptimConfig:
-    return OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)
+    return OptimConfig(lr=5e-4, warmup_steps=10, weight_decay=0.0)
 
 
 def _demo_checkpoint() -> CheckpointConfig:
