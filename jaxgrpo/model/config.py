@@ -123,6 +123,14 @@ class ModelConfig:
         return cls(**kw)
 
     @classmethod
+    def demo(cls, vocab_size: int, **overrides) -> ModelConfig:
+        """A ~0.4M-parameter config for the built-in CPU demo (width 128, 2 layers)."""
+        kw = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
     def bench29m(cls, **overrides) -> ModelConfig:
         """The throughput benchmark config: 29.4M parameters, vocab 8,192, width 512, 8 layers."""
         kw = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8,

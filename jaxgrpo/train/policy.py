@@ -19,9 +19,10 @@ def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path):
     loads an HF checkpoint directory and its tokenizer (or ``spec.tokenizer``).
     """
     dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
-    if spec.preset == "tiny":
+    if spec.preset in ("tiny", "demo"):
         tokenizer = build_demo_tokenizer(workdir / "tokenizer")
-        cfg = ModelConfig.tiny(len(tokenizer), dtype=str(spec.dtype), param_dtype=str(spec.param_dtype))
+        make = ModelConfig.tiny if spec.preset == "tiny" else ModelConfig.demo
+        cfg = make(len(tokenizer), dtype=str(spec.dtype), param_dtype=str(spec.param_dtype))
         return Transformer(cfg, rngs=nnx.Rngs(seed)), tokenizer
     model = load_hf(spec.path, dtype=dtype)
     tokenizer = load_tokenizer(spec.tokenizer or spec.path)
