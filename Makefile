@@ -21,7 +21,7 @@ $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 
 ## Run the main job: the built-in demo (tiny model, SFT warm start, GRPO on 3 tasks).
 demo: $(VENV)/.installed-base
-	$(BIN)/jaxgrpo train
+	$(BIN)/jaxgrpo train train.workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 ## Run the whole test suite (what CI runs).
 test: $(VENV)/.installed-all
