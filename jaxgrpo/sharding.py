@@ -20,8 +20,9 @@ group statistics never need a cross-device collective; the group axis G is never
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,8 +44,10 @@ __all__ = [
     "make_mesh",
     "match_structure",
     "param_partition_specs",
+    "init_sharded",
     "param_shardings",
     "replicated",
+    "reshard",
     "shard_batch",
     "state_shardings",
 ]
@@ -204,6 +207,36 @@ def param_shardings(params, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def init_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh,
+                 rules: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """Builds a module with every parameter created directly in its sharding.
+
+    ``make_module`` (e.g. ``lambda: Transformer(cfg, rngs=nnx.Rngs(seed))``) is traced once
+    abstractly (``nnx.eval_shape``) for the shapes and logical names, then run under ``jax.jit``
+    with those shardings as ``out_shardings``: no device ever holds a whole unsharded weight.
+
+    Returns:
+        ``(graphdef, params, rest)`` as ``nnx.split(module, nnx.Param, ...)`` gives them, the
+        params in their ``rules`` layout and the other variables replicated.
+    """
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)
+    p_sh = param_shardings(params, mesh, rules)
+    rest_sh = jax.tree.map(lambda _: replicated(mesh), rest)
+
+    @functools.partial(jax.jit, out_shardings=(p_sh, rest_sh))
+    def build():
+        _, p, r = nnx.split(make_module(), nnx.Param, ...)
+        return p, r
+
+    return (graphdef, *build())
+
+
+def reshard(tree, shardings) -> Any:
+    """Moves ``tree`` on device into ``shardings`` (e.g. training layout -> rollout layout and
+    back: ``reshard(params, param_shardings(params, mesh, ROLLOUT_RULES))``)."""
+    return jax.device_put(tree, match_structure(shardings, tree))
 
 
 def state_shardings(state, mesh: Mesh, rules: Mapping[str, Any], tx) -> Any:

@@ -235,6 +235,10 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
                             is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
     if not isinstance(first, jax.sharding.NamedSharding):
         raise TypeError(f"state_sharding must hold NamedShardings, got {type(first).__name__}")
+    if any(t == jax.sharding.AxisType.Explicit for t in first.mesh.axis_types):
+        raise ValueError("state_sharding: the sharded train step needs a mesh with Auto axes "
+                         "(XLA propagates the shardings through its scans); build it with "
+                         "jaxgrpo.sharding.make_mesh(..., axis_types='auto')")
     metrics_sharding = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, metrics_sharding))

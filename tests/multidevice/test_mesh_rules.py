@@ -99,3 +99,58 @@ def test_shard_batch_keeps_groups_whole():
         shd.shard_batch({"x": rows[: 6 * g]}, mesh, group_size=g)
     with pytest.raises(ValueError, match="every leaf"):
         shd.shard_batch({"x": rows, "y": rows[:3]}, mesh, group_size=g)
+
+
+def test_init_sharded_materialises_params_in_their_layout():
+    cfg = ModelConfig.tiny(64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16)
+    mesh = shd.make_mesh((2, 2, 2), axis_types="auto")
+    graphdef, params, rest = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(5)), mesh,
+                                              shd.TRAIN_RULES)
+    _, ref = split_model(Transformer(cfg, rngs=nnx.Rngs(5)))
+    want = shd.param_shardings(ref, mesh, shd.TRAIN_RULES)
+    for leaf, sh, r in zip(jax.tree.leaves(params), jax.tree.leaves(
+            want, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)),
+            jax.tree.leaves(ref), strict=True):
+        assert leaf.sharding == sh
+        np.testing.assert_allclose(np.asarray(leaf), np.asarray(r), rtol=1e-6, atol=0)
+    model = nnx.merge(graphdef, params, rest)
+    assert model.layers[0].qkv_weight.get_value().sharding.spec == PartitionSpec("fsdp", "tensor",
+                                                                                 None)
+
+
+def test_reshard_train_layout_to_rollout_layout_and_back():
+    cfg = ModelConfig.tiny(64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16)
+    mesh = shd.make_mesh((2, 2, 2), axis_types="auto")
+    _, params, _ = shd.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh,
+                                    shd.TRAIN_RULES)
+    host = jax.tree.map(np.asarray, params)
+    roll = shd.reshard(params, shd.param_shardings(params, mesh, shd.ROLLOUT_RULES))
+    emb = roll["embedding"].get_value()
+    assert emb.sharding.spec == PartitionSpec("tensor", None)  # gathered over fsdp
+    assert emb.addressable_shards[0].data.shape == (32, 32)
+    back = shd.reshard(roll, shd.param_shardings(params, mesh, shd.TRAIN_RULES))
+    assert back["embedding"].get_value().sharding.spec == PartitionSpec("tensor", "fsdp")
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(host), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_sharded_step_refuses_explicit_mesh_axes():
+    import optax
+
+    from jaxgrpo.train.state import init_train_state
+    from jaxgrpo.train.step import StepConfig, make_train_step
+
+    cfg = ModelConfig.tiny(64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16)
+    parts, params = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tx = optax.sgd(0.1)
+    state = init_train_state(params, tx, 0, with_ref=False)
+    mesh = shd.make_mesh((2, 2, 2))  # explicit axes
+    st_sh = shd.state_shardings(state, mesh, shd.TRAIN_RULES, tx)
+    with pytest.raises(ValueError, match="Auto axes"):
+        make_train_step(parts, tx, StepConfig(), state_sharding=st_sh,
+                        batch_sharding=shd.batch_sharding(mesh, 2))
+    with pytest.raises(ValueError, match="together"):
+        make_train_step(parts, tx, StepConfig(), state_sharding=st_sh)
