@@ -192,6 +192,10 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
     """``generate`` for a model held as ``(graphdef, state)`` from ``nnx.split`` (the trainer's
     form). Arguments as in ``generate``."""
     vocab_size = int(jax.tree.leaves(state["embedding"])[0].shape[0])
+    # Prompts given as a sharded global array keep that (row) sharding through the host padding.
+    row_sharding = (prompt_tokens.sharding if isinstance(prompt_tokens, jax.Array)
+                    and not isinstance(prompt_tokens, jax.core.Tracer)
+                    and isinstance(prompt_tokens.sharding, jax.sharding.NamedSharding) else None)
     if not isinstance(prompt_tokens, jax.core.Tracer):
         prompt_tokens = np.asarray(prompt_tokens)
     if not isinstance(prompt_mask, jax.core.Tracer):
@@ -234,6 +238,9 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
         prompt_tokens = xp.concatenate(
             [xp.full((p, tb - t), pad_id, prompt_tokens.dtype), prompt_tokens], axis=1)
         prompt_mask = xp.concatenate([xp.zeros((p, tb - t), bool), prompt_mask], axis=1)
+    if row_sharding is not None:
+        prompt_tokens, prompt_mask = jax.device_put((prompt_tokens.astype(np.int32), prompt_mask),
+                                                    row_sharding)
     eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
     eos_E[:len(eos_ids)] = eos_ids
     return _generate_jit(

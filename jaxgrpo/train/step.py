@@ -97,11 +97,17 @@ def _split(tree, parts: int):
     return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), tree)
 
 
-def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: StepConfig):
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: StepConfig, *,
+                    state_sharding=None, batch_sharding=None):
     """Builds the jitted, donated ``train_step(state, batch) -> (state, metrics)``.
 
     ``metrics`` is a flat dict of scalars (means over minibatches), plus
     ``"task_improvement"`` ``[epochs*num_minibatches, num_tasks]`` when ``cfg.num_tasks > 0``.
+
+    ``state_sharding`` (a TrainState of ``NamedSharding``s, see
+    :func:`jaxgrpo.sharding.state_shardings`) and ``batch_sharding`` (a TrainBatch of them, or
+    one sharding for every field) pin the step's in- and out-shardings; the new state keeps the
+    state's layout and the metrics come back replicated. Without them the step follows its inputs.
     """
     logp_fn = token_logprobs_fn(parts, cfg.logprob_chunk)
     per_mb = cfg.epochs * cfg.num_minibatches
@@ -221,7 +227,21 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         )
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    if state_sharding is None and batch_sharding is None:
+        return jax.jit(train_step, donate_argnums=(0,))
+    if state_sharding is None or batch_sharding is None:
+        raise ValueError("state_sharding and batch_sharding must be given together")
+    first = jax.tree.leaves(state_sharding,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    if not isinstance(first, jax.sharding.NamedSharding):
+        raise TypeError(f"state_sharding must hold NamedShardings, got {type(first).__name__}")
+    if any(t == jax.sharding.AxisType.Explicit for t in first.mesh.axis_types):
+        raise ValueError("state_sharding: the sharded train step needs a mesh with Auto axes "
+                         "(XLA propagates the shardings through its scans); build it with "
+                         "jaxgrpo.sharding.make_mesh(..., axis_types='auto')")
+    metrics_sharding = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, metrics_sharding))
 
 
 

@@ -1,0 +1,330 @@
+"""Device mesh and logical-axis rules: where every parameter, optimiser slot and batch row lives.
+
+Mesh axes are ``("data", "fsdp", "tensor")``:
+
+- ``data``: pure data parallelism; parameters are replicated over it.
+- ``fsdp``: data parallelism whose devices also split the parameters (and optimiser state) along
+  their ``embed`` dimension; XLA gathers them for each matmul.
+- ``tensor``: splits attention heads, MLP columns and the vocabulary (Megatron style).
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``head_dim``, ``mlp``; see
+``jaxgrpo.model.transformer``). A rule table maps each name to a mesh axis (or a tuple of axes,
+or ``None`` = replicated). :data:`TRAIN_RULES` shards the weights over ``fsdp`` and ``tensor``;
+:data:`ROLLOUT_RULES` keeps only the ``tensor`` split (weights gathered over ``fsdp``), which is
+the layout for decoding, where every step touches every weight.
+
+Batches: rows ``n = p*G + g`` are contiguous groups. The row axis is split over
+``("data", "fsdp")`` in whole groups (the number of prompts P must divide by ``data*fsdp``), so
+group statistics never need a cross-device collective; the group axis G is never split.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxgrpo.config import AxisType as ConfigAxisType
+from jaxgrpo.config import ConfigError, MeshConfig
+
+__all__ = [
+    "BATCH_AXES",
+    "MESH_AXES",
+    "ROLLOUT_RULES",
+    "TRAIN_RULES",
+    "abstract_like",
+    "batch_sharding",
+    "logical_to_spec",
+    "make_mesh",
+    "match_structure",
+    "param_partition_specs",
+    "init_sharded",
+    "param_shardings",
+    "replicated",
+    "reshard",
+    "shard_batch",
+    "state_shardings",
+]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the row axis N (and the prompt axis P) is split over these
+
+# Logical name -> mesh axis. Every large matrix has an ``embed`` dimension, so FSDP shards all of
+# them; ``tensor`` takes heads, MLP columns and the vocabulary.
+TRAIN_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "batch": BATCH_AXES,
+}
+# Decode layout: weights gathered over fsdp (replicated there), still split over tensor.
+ROLLOUT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "vocab": "tensor",
+    "embed": None,
+    "heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "batch": BATCH_AXES,
+}
+
+_AXIS_TYPES = {
+    ConfigAxisType.EXPLICIT: AxisType.Explicit,
+    ConfigAxisType.AUTO: AxisType.Auto,
+}
+
+
+def make_mesh(config: MeshConfig | Mapping[str, int] | Sequence[int], devices=None, *,
+              axis_types: ConfigAxisType | str | None = None) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh over ``devices`` (default: all of ``jax.devices()``).
+
+    Args:
+        config: a :class:`~jaxgrpo.config.MeshConfig`, a mapping ``{"data": .., "fsdp": ..,
+            "tensor": ..}`` (missing axes are 1) or a 3-sequence of sizes; at most one size may
+            be -1, meaning "the remaining devices".
+        devices: the devices to lay out (their order is kept: row-major over the three axes).
+        axis_types: ``"explicit"`` or ``"auto"`` for all three axes; default the config's
+            ``axis_types`` (``MeshConfig`` defaults to explicit). Always passed to ``Mesh``.
+
+    Raises:
+        ValueError: sizes that are not positive or -1, more than one -1, sizes that do not
+            multiply to the device count, or an unknown axis name or axis type.
+        TypeError: ``config`` of another type.
+    """
+    if isinstance(config, MeshConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        unknown = set(config) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"config: unknown mesh axes {sorted(unknown)}; the axes are "
+                             f"{MESH_AXES}")
+        cfg = _mesh_config(**{k: config.get(k, 1) for k in MESH_AXES})
+    elif isinstance(config, Sequence) and not isinstance(config, str):
+        if len(config) != 3:
+            raise ValueError(f"config: a sequence of sizes must have 3 entries {MESH_AXES}, "
+                             f"got {tuple(config)}")
+        cfg = _mesh_config(**dict(zip(MESH_AXES, config, strict=True)))
+    else:
+        raise TypeError(f"config must be a MeshConfig, a mapping of axis sizes or a 3-sequence, "
+                        f"got {type(config).__name__}")
+    kind = cfg.axis_types if axis_types is None else axis_types
+    try:
+        kind = ConfigAxisType(kind)
+    except ValueError:
+        raise ValueError(f"axis_types must be one of {[t.value for t in ConfigAxisType]}, "
+                         f"got {axis_types!r}") from None
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("devices must not be empty")
+    try:
+        sizes = cfg.shape(len(devs))
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    grid = np.asarray(devs, dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(grid, MESH_AXES, axis_types=(_AXIS_TYPES[kind],) * len(MESH_AXES))
+
+
+def _mesh_config(**sizes) -> MeshConfig:
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"mesh size {k} must be an int, got {type(v).__name__}")
+    try:
+        return MeshConfig(**{k: int(v) for k, v in sizes.items()})
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def _as_tuple(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any]) -> PartitionSpec:
+    """The ``PartitionSpec`` of an array whose dimensions carry the logical names ``axes``.
+
+    Names missing from ``rules`` (and ``None``) replicate. A mesh axis already used by an
+    earlier dimension is dropped from later ones (an axis may split only one dimension).
+    Mesh-independent: divisibility is checked by :func:`param_shardings`.
+    """
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        mesh_axes = tuple(a for a in _as_tuple(rules.get(name) if name is not None else None)
+                          if a not in used)
+        used.update(mesh_axes)
+        out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*out)
+
+
+def _logical_axes(params) -> Any:
+    """The per-leaf logical names of an ``nnx.State`` of Params (``None`` entries if unnamed)."""
+    def names(var):
+        axes = var.get_metadata().get("out_sharding")
+        return tuple(axes) if axes else (None,) * np.ndim(var.get_value())
+    return jax.tree.map(names, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_partition_specs(params, rules: Mapping[str, Any]) -> Any:
+    """A tree of ``PartitionSpec`` matching ``params`` (an ``nnx.State`` of ``nnx.Param``s,
+    concrete or abstract), from each Param's logical axis names (its ``out_sharding``)."""
+    _check_rules(rules)
+    return jax.tree.map(lambda axes: logical_to_spec(axes, rules), _logical_axes(params),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (those dimensions replicate)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        kept = tuple(a for a in _as_tuple(entry))
+        while kept and dim % math.prod(mesh.shape[a] for a in kept):
+            kept = kept[:-1]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*out)
+
+
+def param_shardings(params, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
+    """``NamedSharding`` per parameter (a tree matching the leaves of ``params``).
+
+    A dimension that a mesh axis does not divide is replicated along that axis (e.g. 14 query
+    heads on a tensor axis of 4), so any model fits any mesh.
+    """
+    specs = param_partition_specs(params, rules)
+    shapes = jax.tree.map(lambda v: tuple(np.shape(v.get_value())), params,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    out = jax.tree.map(lambda s, shape: NamedSharding(mesh, _fit(s, shape, mesh)), specs, shapes,
+                       is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return match_structure(out, params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def init_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh,
+                 rules: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """Builds a module with every parameter created directly in its sharding.
+
+    ``make_module`` (e.g. ``lambda: Transformer(cfg, rngs=nnx.Rngs(seed))``) is traced once
+    abstractly (``nnx.eval_shape``) for the shapes and logical names, then run under ``jax.jit``
+    with those shardings as ``out_shardings``: no device ever holds a whole unsharded weight.
+
+    Returns:
+        ``(graphdef, params, rest)`` as ``nnx.split(module, nnx.Param, ...)`` gives them, the
+        params in their ``rules`` layout and the other variables replicated.
+    """
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)
+    p_sh = param_shardings(params, mesh, rules)
+    rest_sh = jax.tree.map(lambda _: replicated(mesh), rest)
+
+    @functools.partial(jax.jit, out_shardings=(p_sh, rest_sh))
+    def build():
+        _, p, r = nnx.split(make_module(), nnx.Param, ...)
+        return p, r
+
+    return (graphdef, *build())
+
+
+def reshard(tree, shardings) -> Any:
+    """Moves ``tree`` on device into ``shardings`` (e.g. training layout -> rollout layout and
+    back: ``reshard(params, param_shardings(params, mesh, ROLLOUT_RULES))``)."""
+    return jax.device_put(tree, match_structure(shardings, tree))
+
+
+def state_shardings(state, mesh: Mesh, rules: Mapping[str, Any], tx) -> Any:
+    """Shardings for a :class:`~jaxgrpo.train.state.TrainState`: params (and the reference
+    params) by ``rules``, every params-shaped optimiser slot like its parameter (found with
+    ``optax.tree_map_params``), every other leaf (step, RNG, counters) replicated."""
+    import optax  # local: keeps `import jaxgrpo.sharding` light
+
+    p_sh = param_shardings(state.params, mesh, rules)
+    rep = replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, state.opt_state, p_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt_sh = jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, opt_sh,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    tree = state.replace(
+        step=rep, params=p_sh, opt_state=opt_sh,
+        ref_params=None if state.ref_params is None else p_sh,
+        rng=rep, nonfinite=rep, entropy_coef=rep)
+    return match_structure(tree, state)
+
+
+def match_structure(shardings, like) -> Any:
+    """``shardings`` (one ``Sharding`` per array of ``like``, in order, possibly sitting where
+    ``like`` has an ``nnx.Variable``) rebuilt with exactly ``like``'s tree structure, as
+    ``jax.jit`` and orbax want."""
+    flat = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    treedef = jax.tree.structure(like)
+    if len(flat) != treedef.num_leaves:
+        raise ValueError(f"shardings: {len(flat)} shardings for {treedef.num_leaves} arrays")
+    return jax.tree.unflatten(treedef, flat)
+
+
+def abstract_like(tree, shardings) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves with the given shardings (a restore target for orbax,
+    possibly on another mesh than the one that saved)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, match_structure(shardings, tree))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows (axis 0) split over ``("data", "fsdp")``; the other axes replicated."""
+    if not isinstance(ndim, int) or ndim < 1:
+        raise ValueError(f"ndim must be an int >= 1, got {ndim!r}")
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh: Mesh, *, group_size: int, process_local: bool = False):
+    """Places a row-major batch (``[N, ...]`` leaves, rows ``p*G + g``) on ``mesh``.
+
+    Every device gets whole groups: ``N`` must equal ``P * group_size`` with ``P`` divisible by
+    ``data * fsdp``. With ``process_local=True`` each process passes only its own contiguous
+    share of the rows (``N / process_count``) and the global array is assembled with
+    ``jax.make_array_from_process_local_data``.
+    """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("batch has no arrays")
+    local_n = int(np.shape(leaves[0])[0])
+    n = local_n * (jax.process_count() if process_local else 1)
+    for leaf in leaves:
+        if np.ndim(leaf) < 1 or np.shape(leaf)[0] != local_n:
+            raise ValueError(f"batch: every leaf must have {local_n} rows, got shape "
+                             f"{np.shape(leaf)}")
+    if n % group_size or (n // group_size) % shards:
+        raise ValueError(f"batch: N={n} rows must be P*G with G=group_size={group_size} and P "
+                         f"divisible by data*fsdp={shards}, so that groups are never split "
+                         "across devices; change the prompts per step or the mesh")
+
+    def put(x):
+        sh = batch_sharding(mesh, np.ndim(x))
+        if process_local:
+            return jax.make_array_from_process_local_data(sh, np.asarray(x), (n,) + np.shape(x)[1:])
+        return jax.device_put(x, sh)
+
+    return jax.tree.map(put, batch)
+
+
+def _check_rules(rules) -> None:
+    if not isinstance(rules, Mapping):
+        raise TypeError(f"rules must be a mapping of logical name -> mesh axis, got "
+                        f"{type(rules).__name__}")
+    for name, entry in rules.items():
+        bad = [a for a in _as_tuple(entry) if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"rules[{name!r}] names unknown mesh axes {bad}; the axes are "
+                             f"{MESH_AXES}")
