@@ -526,7 +526,7 @@ class TrainConfig:
 # model, prompts of at most 24 tokens and completions of at most 10 keep one GRPO step near a
 # second on a CPU; the SFT warm start gives every task a nonzero success rate before RL.
 def _demo_model() -> ModelConfigSpec:
-    return ModelConfigSpec(preset="demo", sft=SFTConfig(steps=500, lr=3e-3, batch_size=128))
+    return ModelConfigSpec(preset="demo", sft=SFTConfig(steps=800, lr=3e-3, batch_size=128))
 
 
 def _demo_rollout() -> RolloutConfig:
@@ -546,7 +546,7 @@ def _demo_checkpoint() -> CheckpointConfig:
 
 
 def _demo_train() -> TrainConfig:
-    return TrainConfig(steps=60, eval_every=0)
+    return TrainConfig(steps=200, eval_every=0)
 
 
 @dataclasses.dataclass(frozen=True)
