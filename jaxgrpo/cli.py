@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> (module that defines ``add_arguments(parser)`` and ``run(args) -> int``, help)
@@ -39,6 +40,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers announces at import that torch is absent; the trainer never needs torch.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
