@@ -221,10 +221,10 @@ class Setup:
 
 
 def setup(cfg: ExperimentConfig, *, stream=sys.stderr) -> Setup:
+    names, tasks, ratios = resolve_tasks(cfg)  # an unknown task fails before anything is written
     workdir = pathlib.Path(cfg.train.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[jaxgrpo] {msg}", file=stream, flush=True)
-    names, tasks, ratios = resolve_tasks(cfg)
     model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed, workdir=workdir)
     pad_id, eos_ids = special_ids(tokenizer)
     parts, params = split_model(model)

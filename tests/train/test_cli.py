@@ -26,6 +26,7 @@ CASES = {
     "G=1": (["rollout.group_size=1"], "rollout.group_size"),
     "missing model path": (["model.path=/nonexistent/model"], "model.path"),
     "missing config file": (["/nonexistent/x.yaml"], "x.yaml"),
+    "unknown task": (["tasks.mixture=[{name: nosuchtask}, {name: addition}]"], "nosuchtask"),
 }
 
 
