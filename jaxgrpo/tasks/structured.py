@@ -31,6 +31,16 @@ truncated before it) is handled by ``on_malformed`` (§10 item 5; configurable):
 
 ``format_ok`` is true only for the exact layout (only whitespace between the tagged parts and
 after the last tag).
+
+Tag sets (``tags``): ``"full"`` is the paper's (above); ``"short"`` is a compact set for small
+character-level models: ``<a>â</a><c>q</c>`` (confidence; no reasoning or analysis part, block 1
+starts at ``<c>``) and ``<a>a1</a><a>a2</a>`` (two attempts). The parsing rules are the same.
+
+``gold_confidence`` (``StructuredTask`` option) sets the confidence in SFT targets
+(:meth:`StructuredTask.gold_completion`): ``"one"`` writes ``1``; ``"uniform"`` writes one of
+``0.0, 0.1, ..., 1.0`` chosen by a hash of the prompt (CRC-32 mod 11), i.e. uniformly spread and
+independent of whether the model will be right, so a warm start learns the format and a varied
+confidence but no calibration.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -47,11 +58,36 @@ from jaxgrpo.tasks.base import Score, Task, get_task, register_task
 FORMATS = ("confidence", "two_attempt")
 MALFORMED_MODES = ("empty_block", "worst_score", "fail_all")
 CONFIDENCE_REWARDS = ("brier", "log")
+TAG_SETS = ("full", "short")
+GOLD_CONFIDENCES = ("one", "uniform")
 
 _NUMBER = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
 _CONF_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>", "<analysis>",
               "</analysis>", "<confidence>", "</confidence>")
 _TWO_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>") * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tags:
+    answer: tuple[str, str]
+    conf: tuple[str, str]
+    split_at: tuple[str, ...]  # block 1 of the confidence format starts at the first of these
+    conf_layout: tuple[str, ...]
+    two_layout: tuple[str, ...]
+
+
+_TAGS = {
+    "full": _Tags(("<answer>", "</answer>"), ("<confidence>", "</confidence>"),
+                  ("<analysis>", "<confidence>"), _CONF_TAGS, _TWO_TAGS),
+    "short": _Tags(("<a>", "</a>"), ("<c>", "</c>"), ("<c>",), ("<a>", "</a>", "<c>", "</c>"),
+                   ("<a>", "</a>") * 2),
+}
+
+
+def _check_tags(tags: str) -> _Tags:
+    if tags not in TAG_SETS:
+        raise ValueError(f"tags must be one of {TAG_SETS}, got {tags!r}")
+    return _TAGS[tags]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +165,7 @@ def _exact_layout(text: str, tags: Sequence[str]) -> bool:
 
 
 def parse_structured(text: str, *, format: str = "confidence",  # noqa: A002
-                     truncated: bool = False) -> StructuredParse:
+                     truncated: bool = False, tags: str = "full") -> StructuredParse:
     """Parses a structured completion.
 
     Args:
@@ -137,47 +173,50 @@ def parse_structured(text: str, *, format: str = "confidence",  # noqa: A002
       format: "confidence" or "two_attempt".
       truncated: the completion hit the length limit (no EOS); an incomplete block 1 then has
         status "truncated".
+      tags: the tag set, "full" (the paper's) or "short" (see the module docstring).
     """
+    tg = _check_tags(tags)
+    (a_open, a_close), (c_open, c_close) = tg.answer, tg.conf
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
     n = len(text)
     if format == "confidence":
-        ans = _unique_pair(text, "<answer>", "</answer>", 0)
+        ans = _unique_pair(text, a_open, a_close, 0)
         if ans is None:
             return StructuredParse(format, "truncated" if truncated else "no_answer", (None,),
                                    None, n, n, False)
-        after = ans[1] + len("</answer>")
+        after = ans[1] + len(a_close)
         split = after
-        for tag in ("<analysis>", "<confidence>"):
+        for tag in tg.split_at:
             i = text.find(tag, after)
             if i >= 0:
                 split = i
                 break
         answer = text[ans[0]:ans[1]]
-        conf = _unique_pair(text, "<confidence>", "</confidence>", after)
+        conf = _unique_pair(text, c_open, c_close, after)
         if conf is None:
             status, q = ("truncated" if truncated else "no_confidence"), None
         else:
             q = parse_confidence(text[conf[0]:conf[1]])
             status = "ok" if q is not None else "bad_confidence"
-        ok = status == "ok" and _exact_layout(text, _CONF_TAGS)
+        ok = status == "ok" and _exact_layout(text, tg.conf_layout)
         return StructuredParse(format, status, (answer,), q, split, n, ok)
     # two_attempt: the first answer pair ends block 0
-    i = text.find("<answer>")
-    j = text.find("</answer>", i + len("<answer>")) if i >= 0 else -1
-    if i < 0 or j < 0 or text.find("<answer>", i + 1, j) >= 0:
+    i = text.find(a_open)
+    j = text.find(a_close, i + len(a_open)) if i >= 0 else -1
+    if i < 0 or j < 0 or text.find(a_open, i + 1, j) >= 0:
         return StructuredParse(format, "truncated" if truncated else "no_answer", (None, None),
                                None, n, n, False)
-    split = j + len("</answer>")
-    a1 = text[i + len("<answer>"):j]
-    second = _unique_pair(text, "<answer>", "</answer>", split)
+    split = j + len(a_close)
+    a1 = text[i + len(a_open):j]
+    second = _unique_pair(text, a_open, a_close, split)
     if second is None:
         status, a2 = ("truncated" if truncated else "no_second_answer"), None
     else:
         status, a2 = "ok", text[second[0]:second[1]]
-    ok = status == "ok" and _exact_layout(text, _TWO_TAGS)
+    ok = status == "ok" and _exact_layout(text, tg.two_layout)
     return StructuredParse(format, status, (a1, a2), None, split, n, ok)
 
 
@@ -294,7 +333,7 @@ class StructuredTask(Task):
     def __init__(self, base: str | Task, *, format: str = "confidence",  # noqa: A002
                  on_malformed: str = "empty_block", conf_reward: str = "brier",
                  eps: float = 1e-4, equivalent: Callable[[str, str], bool] | None = None,
-                 **base_options):
+                 tags: str = "full", gold_confidence: str = "one", **base_options):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         _check_mode(on_malformed)
@@ -309,6 +348,11 @@ class StructuredTask(Task):
         self.format, self.on_malformed, self.conf_reward, self.eps = (
             format, on_malformed, conf_reward, eps)
         self.equivalent = equivalent
+        _check_tags(tags)
+        if gold_confidence not in GOLD_CONFIDENCES:
+            raise ValueError(f"gold_confidence must be one of {GOLD_CONFIDENCES}, "
+                             f"got {gold_confidence!r}")
+        self.tags, self.gold_confidence = tags, gold_confidence
         self.name = f"{format}:{self.base.name}"
         self.description = f"{self.base.name} in the {format} block format"
         self.max_completion_chars = self.base.max_completion_chars
@@ -323,7 +367,11 @@ class StructuredTask(Task):
         return self.base.prompt(record)
 
     def chat(self, record: dict) -> list[dict[str, str]]:
-        if self.format == "confidence":
+        if self.tags == "short":
+            system = ("Answer in <a>...</a>, then give the probability that the answer is correct "
+                      "in <c>...</c> as a number in [0, 1]." if self.format == "confidence" else
+                      "Answer in <a>...</a>, then give a final answer in a second <a>...</a>.")
+        elif self.format == "confidence":
             system = ("Think in <reasoning>...</reasoning>, give the final answer in "
                       "<answer>...</answer>, analyse whether it is right in "
                       "<analysis>...</analysis>, then give the probability that the answer is "
@@ -334,11 +382,23 @@ class StructuredTask(Task):
                       "and give a final answer in a second <answer>...</answer>.")
         return [{"role": "system", "content": system}, *self.base.chat(record)]
 
+    def sft_confidence(self, record: dict) -> str:
+        """The confidence text of the SFT target (``gold_confidence``, module docstring)."""
+        if self.gold_confidence == "one":
+            return "1"
+        h = zlib.crc32(self.base.prompt(record).encode("utf-8")) % 11
+        return f"{h / 10:.1f}"
+
     def gold_completion(self, record: dict) -> str:
         gold = self.base.gold_completion(record)
+        q = self.sft_confidence(record)
+        if self.tags == "short":
+            if self.format == "confidence":
+                return f"<a>{gold}</a><c>{q}</c>"
+            return f"<a>{gold}</a><a>{gold}</a>"
         if self.format == "confidence":
             return (f"<reasoning></reasoning><answer>{gold}</answer>"
-                    "<analysis></analysis><confidence>1</confidence>")
+                    f"<analysis></analysis><confidence>{q}</confidence>")
         return (f"<reasoning></reasoning><answer>{gold}</answer>"
                 f"<reasoning></reasoning><answer>{gold}</answer>")
 
@@ -348,7 +408,7 @@ class StructuredTask(Task):
         return normalize_answer(a) == normalize_answer(b)
 
     def verify(self, record: dict, completion: str, *, truncated: bool = False) -> Score:
-        p = parse_structured(completion, format=self.format, truncated=truncated)
+        p = self.parse(completion, truncated=truncated)
         correct = [a is not None and self.base.check_answer(record, a) for a in p.answers]
         same = (p.format == "two_attempt" and p.status == "ok"
                 and self._same(p.answers[0], p.answers[1]))
@@ -357,7 +417,8 @@ class StructuredTask(Task):
         return Score(r0 + r1, bool(correct[0]), p.format_ok, None, (r0, r1), p.confidence)
 
     def parse(self, completion: str, *, truncated: bool = False) -> StructuredParse:
-        return parse_structured(completion, format=self.format, truncated=truncated)
+        return parse_structured(completion, format=self.format, truncated=truncated,
+                                tags=self.tags)
 
 
 def _structured_factory(format: str):  # noqa: A002
