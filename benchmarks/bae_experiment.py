@@ -81,7 +81,7 @@ def make_config(workdir: pathlib.Path, extra: list[str], size: dict, *, smoke: b
         f"model.sft.steps={size['sft_steps']}", *extra,
     ]
     if smoke:
-        over += ["tasks.prompts_per_step=4", "rollout.group_size=4", "model.sft.batch_size=16",
+        over += ["tasks.prompts_per_step=8", "rollout.group_size=4", "model.sft.batch_size=16",
                  "logging.progress=false"]
     return load_config(str(CONFIG), over, num_devices=jax.device_count())
 

@@ -48,6 +48,7 @@ class NestedRollouts:
     confidence: np.ndarray  # float64 [P, G] q (NaN where missing)
     valid: np.ndarray  # bool [P, G] the solution block is complete
     mc_rewards: np.ndarray  # float64 [P, G, M] block-1 rewards of the continuations (NaN if invalid)
+    mc_texts: list  # [P][G]: the M full texts (prefix + continuation), or None if invalid
     texts: list  # [P][G] sampled completions
     prefix_tokens: np.ndarray  # int [P, G] length of each solution prefix, in tokens
 
@@ -136,6 +137,7 @@ def nested_rollouts(policy, params, task: StructuredTask, records: Sequence[dict
     gen2 = policy.generator(num_samples=num_mc, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, buckets=buckets)
     mc = np.full((p, g, num_mc), np.nan)
+    mc_texts = [[None] * g for _ in range(p)]
     for c0 in range(0, len(prefixes), chunk):
         part = prefixes[c0:c0 + chunk]
         width = bucket_length(max(len(x) for _, _, x in part), buckets)
@@ -159,6 +161,7 @@ def nested_rollouts(policy, params, task: StructuredTask, records: Sequence[dict
                 cuts.append(bool(ctr[r, m]))
         scores = score_many(task, recs, comps, truncated=cuts)
         for r, (i, j, _) in enumerate(part):
+            mc_texts[i][j] = comps[r * num_mc:(r + 1) * num_mc]
             for m in range(num_mc):
                 s = scores[r * num_mc + m]
                 mc[i, j, m] = s.blocks[1] if s.error is None and len(s.blocks) == 2 else 0.0
@@ -166,5 +169,6 @@ def nested_rollouts(policy, params, task: StructuredTask, records: Sequence[dict
             log(f"continuations {min(c0 + chunk, len(prefixes))}/{len(prefixes)} "
                 f"({time.perf_counter() - t0:.0f} s)")
     return NestedRollouts(rewards=np.where(valid, rewards, 0.0), correct=groups.correct.copy(),
-                          confidence=conf, valid=valid, mc_rewards=mc, texts=groups.texts,
+                          confidence=conf, valid=valid, mc_rewards=mc, mc_texts=mc_texts,
+                          texts=groups.texts,
                           prefix_tokens=cut)
