@@ -55,8 +55,8 @@ ARMS = {
 }
 METRICS = ("accuracy", "ece", "brier", "auroc")
 
-FULL = dict(sft_steps=600, rl_steps=150, eval_prompts=200, eval_k=8, fid_prompts=32, fid_g=8,
-            fid_m=16, bootstrap=1000)
+FULL = dict(sft_steps=600, rl_steps=60, eval_prompts=500, eval_k=8, fid_prompts=64, fid_g=8,
+            fid_m=32, bootstrap=1000)
 SMOKE = dict(sft_steps=10, rl_steps=2, eval_prompts=4, eval_k=2, fid_prompts=2, fid_g=2, fid_m=2,
              bootstrap=20)
 
@@ -180,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/results/bae", help="output directory")
     ap.add_argument("--workdir", default=None, help="run directories (default: OUT/runs)")
+    ap.add_argument("--sft-model", default=None,
+                    help="reuse this saved warm start (an HF directory written by stage 1 of an "
+                    "earlier run with the same settings) instead of training one")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None,
                         help=f"(full run: {v})")
@@ -195,12 +198,17 @@ def main(argv=None) -> int:
     timing = {}
 
     # ---- 1. SFT warm start ---------------------------------------------------------------
-    sft_dir = runs / "sft_model"
     cfg0 = make_config(runs / "sft", [], size, smoke=args.smoke)
-    su = loop.setup(cfg0, stream=sys.stderr)
-    task = su.tasks[su.names[0]]
-    log(f"SFT warm start: {size['sft_steps']} steps")
-    loop.warm_start(cfg0, su, su.params, sft_dir)
+    if args.sft_model:
+        sft_dir = pathlib.Path(args.sft_model)
+        task = loop.resolve_tasks(cfg0)[1][cfg0.tasks.mixture[0].spec]
+        log(f"SFT warm start: reusing {sft_dir}")
+    else:
+        sft_dir = runs / "sft_model"
+        su = loop.setup(cfg0, stream=sys.stderr)
+        task = su.tasks[su.names[0]]
+        log(f"SFT warm start: {size['sft_steps']} steps")
+        loop.warm_start(cfg0, su, su.params, sft_dir)
     timing["sft_s"] = time.perf_counter() - t_start
 
     path_over = [f"model.path={sft_dir}", "model.preset=null", "model.sft.steps=0"]
@@ -211,6 +219,7 @@ def main(argv=None) -> int:
     records = [ds[i] for i in range(min(size["eval_prompts"], len(ds)))]
     eval_key = jax.random.key(12345)
     res = {"settings": {**size, "seeds": args.seeds, "smoke": args.smoke,
+                        "sft_model": str(sft_dir) if args.sft_model else None,
                         "config": str(CONFIG.relative_to(ROOT)), "arms": ARMS},
            "pooled": {}, "per_seed": {}, "eval_samples": {}, "curves": {}}
     t0 = time.perf_counter()
@@ -249,6 +258,13 @@ def main(argv=None) -> int:
         res["pooled"][arm] = report({k_: np.concatenate(v) for k_, v in pooled.items()},
                                     n_bootstrap=size["bootstrap"])
     timing["rl_and_eval_s"] = time.perf_counter() - t_start - timing["sft_s"]
+    res["timing"] = timing
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=_json_default))
+    from jaxgrpo.model import save_hf
+
+    rlcr_dir = runs / "rlcr_model"  # the fidelity study's policy, for `jaxgrpo fidelity --model`
+    save_hf(policy.parts.merge(trained["rlcr"]), rlcr_dir)
+    policy.tokenizer.save_pretrained(str(rlcr_dir))
 
     # ---- 4. Fidelity study on the RLCR-trained policy ----------------------------------------
     t0 = time.perf_counter()
