@@ -33,9 +33,6 @@ import os
 import pathlib
 
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -87,7 +84,7 @@ group mean or the OCB stratum mean (strata: correct / incorrect). RLCR puts one 
 code("""
 def groups(arm):
     s = res["eval_samples"][arm]
-    q = np.asarray(s["confidence"], np.float32)
+    q = np.asarray(s["confidence"], np.float64)
     c = np.asarray(s["correct"], np.int32)
     return q, c
 
@@ -105,11 +102,11 @@ fig, axes = plt.subplots(1, 3, figsize=(11, 3))
 bins = np.linspace(-1, 1, 41)
 axes[0].hist(a_ocb[..., 0].ravel(), bins=bins)
 axes[0].set_title("block 0 (answer): c - mean(c)", fontsize=9)
-for lab, a in (("group mean", a_gm), ("OCB", a_ocb)):
-    for k, (name, sel) in enumerate((("correct", c == 1), ("incorrect", c == 0))):
-        axes[1 + k].hist(a[..., 1][sel], bins=bins, alpha=0.6, label=lab)
-        axes[1 + k].set_title(f"block 1 (confidence), {name} answers", fontsize=9)
-axes[2].hist(a_rlcr[c == 0], bins=bins, alpha=0.4, label="RLCR (all tokens)")
+for k, (name, sel) in enumerate((("correct", c == 1), ("incorrect", c == 0))):
+    for lab, a in (("BAE group mean", a_gm[..., 1]), ("BAE OCB", a_ocb[..., 1]),
+                   ("RLCR scalar (all tokens)", a_rlcr)):
+        axes[1 + k].hist(a[sel], bins=bins, alpha=0.5, label=lab)
+    axes[1 + k].set_title(f"block 1 (confidence), {name} answers", fontsize=9)
 axes[1].legend(fontsize=8); axes[2].legend(fontsize=8)
 fig.tight_layout()
 for name, sel in (("correct", c == 1), ("incorrect", c == 0)):
@@ -133,8 +130,8 @@ p = mixed[0] if mixed else 0
 print(f"prompt {p}: c = {c[p].tolist()}")
 print(f"           q = {np.round(q[p], 2).tolist()}")
 print(f"Brier r_1    = {np.round(-(q[p] - c[p]) ** 2, 3).tolist()}")
-print(f"A_1 group mean = {np.round(a_gm[p, :, 1], 3).tolist()}")
-print(f"A_1 OCB        = {np.round(a_ocb[p, :, 1], 3).tolist()}")
+print(f"A_1 group mean = {np.round(a_gm[p, :, 1].astype(float), 3).tolist()}")
+print(f"A_1 OCB        = {np.round(a_ocb[p, :, 1].astype(float), 3).tolist()}")
 x = np.arange(c.shape[1])
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.bar(x - 0.2, a_gm[p, :, 1], 0.4, label="group mean")
