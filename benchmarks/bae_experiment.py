@@ -259,7 +259,7 @@ def main(argv=None) -> int:
                                     n_bootstrap=size["bootstrap"])
     timing["rl_and_eval_s"] = time.perf_counter() - t_start - timing["sft_s"]
     res["timing"] = timing
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=_json_default))
+    (out / "results.json").write_text(json.dumps(res, separators=(",", ":"), default=_json_default))
     from jaxgrpo.model import save_hf
 
     rlcr_dir = runs / "rlcr_model"  # the fidelity study's policy, for `jaxgrpo fidelity --model`
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     res["timing"] = timing
 
     text = tables(res)
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=_json_default))
+    (out / "results.json").write_text(json.dumps(res, separators=(",", ":"), default=_json_default))
     (out / "results.md").write_text(text + f"\n\nTotal wall time {timing['total_s']:.0f} s.\n")
     print(text)
     print(f"\nwall time {timing['total_s']:.0f} s; wrote {out / 'results.json'} and "
