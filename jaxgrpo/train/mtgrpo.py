@@ -19,7 +19,11 @@ from jaxgrpo.train import task_weights
 
 
 class TaskWeightUpdater:
-    """Holds xi, the optimiser state and J; ``weights()`` gives z as ``{task: weight}``."""
+    """Holds xi, the optimiser state and J; ``weights()`` gives z as ``{task: weight}``.
+
+    With ``cfg.adapt_weights`` false, xi never moves (z stays uniform): the paper's GRPO+RPS
+    ablation, the ratio-preserving sampler without IWU.
+    """
 
     def __init__(self, names: list[str], cfg: MTGRPOConfig):
         self.names, self.cfg = list(names), cfg
@@ -41,6 +45,8 @@ class TaskWeightUpdater:
         ids = jnp.asarray(task_ids_P, jnp.int32)
         acc, count = weighting.per_task_mean(frac, ids, k)
         self.acc = weighting.ema_update(self.acc, acc, count > 0, decay=self.cfg.acc_ema)
+        if not self.cfg.adapt_weights:  # GRPO+RPS: J_k is still tracked, z stays uniform
+            return
         imp = jnp.asarray(improvement_MxK, jnp.float32)
         if self.cfg.improvement_reduce == Reduce.MEAN:
             _, n = weighting.per_task_mean(jnp.ones_like(ids, jnp.float32), ids, k)
