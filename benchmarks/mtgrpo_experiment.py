@@ -168,7 +168,10 @@ def run_all(args) -> None:
             run_one(args, arm, seed)
             log(f"[{i + 1}/{len(todo)}] {arm} seed {seed} done ({time.perf_counter() - t0:.0f} s)")
         return
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           # Every run compiles the same rollout and train-step programs: compile them once.
+           "JAX_COMPILATION_CACHE_DIR": str(args.out / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     running: list[tuple[subprocess.Popen, str, int, float]] = []
     queue, done, failed = list(todo), 0, []
     while queue or running:

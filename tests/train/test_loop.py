@@ -62,6 +62,9 @@ def test_mt_grpo_run_moves_task_weights_and_logs_per_task_metrics(nano_model, tm
     assert all(abs(sum(w) - 1) < 1e-6 for w in weights)
     assert any(max(w) - min(w) > 1e-4 for w in weights), "task weights never moved"
     assert len(out["accuracy_after"]) == len(weights[0])
+    imp = [[r[k] for k in r if k.endswith("/improvement")] for r in rows if "rps/rounds" in r]
+    assert all(len(i) == 3 and all(abs(x) <= np.float32(0.1) for x in i) for i in imp), imp
+    assert any(x != 0 for i in imp for x in i), "I_k never logged a change"
 
 
 @pytest.mark.parametrize("ablation", ["grpo_rps", "grpo_iwu"])
