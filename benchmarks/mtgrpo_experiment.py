@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
     PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py [--out DIR] [--seeds 0 1 2]
-        [--steps 200] [--eval-every 25] [--jobs 2] [--arms grpo dapo ...]
+        [--steps 100] [--eval-every 20] [--jobs 2] [--arms grpo dapo ...]
     PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py --smoke --out /tmp/mt   (CI, ~1 min)
 
 What it does:
@@ -362,10 +362,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/mtgrpo_experiment"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=200, help="RL steps per run")
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=100, help="RL steps per run")
+    ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per task")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.10, 0.15, 0.20])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.08, 0.10, 0.12])
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--smoke", action="store_true",
                     help="CI mode: 20 SFT steps, 3 RL steps, tiny eval, one seed")
