@@ -1,7 +1,7 @@
 """MT-GRPO at CPU scale: the paper's Exp. 1 protocol (spec mt-grpo §7.1, §7.3) on the demo mixture.
 
 Usage (from the repository root):
-    PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py [--out DIR] [--seeds 0 1 2]
+    PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py [--out DIR] [--seeds 0 1 2 3 4]
         [--steps 100] [--eval-every 20] [--jobs 2] [--arms grpo dapo ...]
     PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py --smoke --out /tmp/mt   (CI, ~1 min)
 
@@ -360,7 +360,7 @@ def report(args) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/mtgrpo_experiment"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--steps", type=int, default=100, help="RL steps per run")
     ap.add_argument("--eval-every", type=int, default=20)
