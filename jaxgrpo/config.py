@@ -388,6 +388,7 @@ class MTGRPOConfig:
     """MT-GRPO task-weight update (IWU) and ratio-preserving sampler (mt-grpo.md §2, §3, §6.1)."""
 
     lam: float = 0.2
+    adapt_weights: bool = True  # False: z stays uniform (the GRPO+RPS ablation, spec §7.3)
     weight_lr: float = 0.025
     weight_optimizer: WeightOptimizer = WeightOptimizer.ADAM_L2
     weight_decay: float = 1e-5

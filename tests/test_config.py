@@ -257,3 +257,21 @@ def test_mixture_spec_strings_and_mapping_form():
     assert c.tasks.ratios() == {"reverse@1": 0.5, "sort": 0.5}
     assert "'tasks.mixture[0]' must be a task spec" in _error("tasks.mixture=[reverse@x]")
     assert "ratios must sum to 1" in _error("tasks.mixture={reverse@1: 0.5, sort: 0.6}")
+
+
+@pytest.mark.parametrize("name, tasks, b, g, mb_prompts, lam, rounds", [
+    ("mtgrpo_3task_qwen2p5_3b.yaml", 3, 32, 72, 8, 0.2, 10),
+    ("mtgrpo_9task_qwen2p5_3b.yaml", 9, 256, 8, 64, 1.2, 2),
+])
+def test_mt_grpo_paper_configs_carry_the_paper_settings(name, tasks, b, g, mb_prompts, lam, rounds):
+    cfg = load_config(ROOT / "configs" / name, check_paths=False)
+    assert cfg.algo.name is C.Algo.MT_GRPO
+    assert len(cfg.tasks.mixture) == tasks
+    assert {t.name for t in cfg.tasks.mixture} == {"rg_countdown", "rg_zebra", "rg_arc1d"}
+    assert all(t.options == {"format_bonus": 0.1} for t in cfg.tasks.mixture)
+    assert cfg.tasks.prompts_per_step == b and cfg.rollout.group_size == g
+    assert cfg.tasks.prompts_per_step // cfg.loss.minibatches == mb_prompts
+    assert cfg.algo.mt_grpo.lam == lam and cfg.algo.sampling.max_rounds == rounds
+    assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.kl_coef) == (0.2, 0.28, 0.0)
+    assert (cfg.optim.lr, cfg.train.steps, cfg.algo.mt_grpo.weight_lr) == (1e-6, 720, 0.025)
+    assert (cfg.algo.sampling.oversample, cfg.algo.mt_grpo.max_inflation) == (3.0, 5.0)

@@ -6,7 +6,9 @@
   cells; ``specs/mt-grpo.md`` §6.2). The completion's answer is the content of its last
   ``<answer>…</answer>`` pair, scored by reasoning-gym's own ``score_answer``. reasoning-gym
   gives partial credit (Countdown: 0.01 unparsable, 0.05 wrong value), so ``correct`` is
-  ``score == 1`` and the reward is binary unless ``partial_credit=True``. Countdown answers are
+  ``score == 1`` and the reward is binary unless ``partial_credit=True``. ``format_bonus=0.1``
+  gives the MT-GRPO paper's reward (1 correct, 0.1 for a wrong answer inside the tags, 0 without
+  an answer; never added to a correct one). Countdown answers are
   checked against :mod:`jaxgrpo.tasks.safe_arith`'s grammar first, since reasoning-gym parses
   them with sympy (which uses ``eval``): anything else never reaches it. Train and eval use
   different generator seeds (``seed`` and ``seed + 1_000_003``); unlike the built-in tasks
@@ -72,7 +74,7 @@ class ReasoningGymTask(Task):
     """A reasoning-gym dataset as a task (see the module docstring)."""
 
     def __init__(self, *, dataset: str, level: int | None = None, size: int = 10_000,
-                 partial_credit: bool = False, **config):
+                 partial_credit: bool = False, format_bonus: float = 0.0, **config):
         try:
             import reasoning_gym  # noqa: F401
         except ImportError as e:
@@ -87,6 +89,12 @@ class ReasoningGymTask(Task):
             config = {**RG_LEVELS[dataset][level], **config}
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        if isinstance(format_bonus, bool) or not isinstance(format_bonus, int | float) or \
+                not 0.0 <= format_bonus < 1.0:
+            raise ValueError(f"format_bonus must be a number in [0, 1), got {format_bonus!r}")
+        if format_bonus and partial_credit:
+            raise ValueError("give partial_credit or format_bonus, not both")
+        self.format_bonus = float(format_bonus)
         self.rg_name, self.level, self.size = dataset, level, size
         self.partial_credit, self.config = bool(partial_credit), dict(config)
         self.name = f"rg:{dataset}" + (f"@{level}" if level is not None else "")
@@ -145,7 +153,9 @@ class ReasoningGymTask(Task):
             return Score(0.0, False, False)
         s = self._rg_score(record, answer)
         correct = s >= 1.0
-        return Score(s if self.partial_credit else float(correct), correct, True)
+        if self.partial_credit:
+            return Score(s, correct, True)
+        return Score(1.0 if correct else self.format_bonus, correct, True)
 
 
 def load_records(path: str | pathlib.Path) -> list[dict]:

@@ -19,7 +19,11 @@ from jaxgrpo.train import task_weights
 
 
 class TaskWeightUpdater:
-    """Holds xi, the optimiser state and J; ``weights()`` gives z as ``{task: weight}``."""
+    """Holds xi, the optimiser state and J; ``weights()`` gives z as ``{task: weight}``.
+
+    With ``cfg.adapt_weights`` false, xi never moves (z stays uniform): the paper's GRPO+RPS
+    ablation, the ratio-preserving sampler without IWU.
+    """
 
     def __init__(self, names: list[str], cfg: MTGRPOConfig):
         self.names, self.cfg = list(names), cfg
@@ -28,6 +32,7 @@ class TaskWeightUpdater:
         )
         self.logits, self.opt_state = task_weights.init_task_weights(len(names), self.tx)
         self.acc = jnp.zeros((len(names),), jnp.float32)
+        self.last_improvement = np.zeros(len(names))  # I_k of the last step (clipped, summed)
 
     def weights(self) -> dict[str, float]:
         z = np.asarray(jax.nn.softmax(self.logits), np.float64)
@@ -41,6 +46,8 @@ class TaskWeightUpdater:
         ids = jnp.asarray(task_ids_P, jnp.int32)
         acc, count = weighting.per_task_mean(frac, ids, k)
         self.acc = weighting.ema_update(self.acc, acc, count > 0, decay=self.cfg.acc_ema)
+        if not self.cfg.adapt_weights:  # GRPO+RPS: J_k is still tracked, z stays uniform
+            return
         imp = jnp.asarray(improvement_MxK, jnp.float32)
         if self.cfg.improvement_reduce == Reduce.MEAN:
             _, n = weighting.per_task_mean(jnp.ones_like(ids, jnp.float32), ids, k)
@@ -50,13 +57,18 @@ class TaskWeightUpdater:
             imp = jnp.clip(imp.sum(axis=0, keepdims=True), -c, c)
         else:
             imp = jnp.clip(imp, -c, c)
+        self.last_improvement = np.asarray(imp, np.float64).sum(axis=0)
         self.logits, self.opt_state, _ = task_weights.iwu_minibatch_steps(
             self.logits, self.opt_state, self.acc, imp, self.tx, lam=self.cfg.lam
         )
 
     def metrics(self) -> dict[str, float]:
-        """J_k after this step's update (z itself is logged by the batch sampler)."""
-        return {f"task/{name}/acc_ema": float(a) for name, a in zip(self.names, self.acc, strict=True)}
+        """J_k after this step's update and the step's I_k, clipped as used, summed over the
+        minibatch updates (z itself is logged by the batch sampler)."""
+        out = {f"task/{n}/acc_ema": float(a) for n, a in zip(self.names, self.acc, strict=True)}
+        out.update({f"task/{n}/improvement": float(i)
+                    for n, i in zip(self.names, self.last_improvement, strict=True)})
+        return out
 
     def get_state(self) -> dict:
         leaves = jax.tree.leaves(self.opt_state)

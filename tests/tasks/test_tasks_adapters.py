@@ -25,6 +25,19 @@ def test_reasoning_gym_gold_and_wrong(name):
     assert task.dataset("eval", seed=0)[0] != ds[0]
 
 
+def test_reasoning_gym_format_bonus_is_the_mt_grpo_reward():
+    task = get_task("rg_countdown", level=1, size=10, format_bonus=0.1)
+    rec = task.dataset()[0]
+    assert task.score(rec, task.gold_completion(rec)).reward == 1.0
+    wrong = task.score(rec, "<answer>1+1</answer>")
+    assert (wrong.reward, wrong.correct, wrong.format_ok) == (0.1, False, True)
+    assert task.score(rec, "no tags at all").reward == 0.0
+    with pytest.raises(ValueError, match="format_bonus"):
+        get_task("rg_countdown", level=1, size=10, format_bonus=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        get_task("rg_countdown", level=1, size=10, format_bonus=0.1, partial_credit=True)
+
+
 def test_reasoning_gym_partial_credit_is_not_correct():
     task = get_task("rg_countdown", level=1, size=10, partial_credit=True)
     rec = task.dataset()[0]

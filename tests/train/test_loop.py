@@ -62,6 +62,45 @@ def test_mt_grpo_run_moves_task_weights_and_logs_per_task_metrics(nano_model, tm
     assert all(abs(sum(w) - 1) < 1e-6 for w in weights)
     assert any(max(w) - min(w) > 1e-4 for w in weights), "task weights never moved"
     assert len(out["accuracy_after"]) == len(weights[0])
+    imp = [[r[k] for k in r if k.endswith("/improvement")] for r in rows if "rps/rounds" in r]
+    assert all(len(i) == 3 and all(abs(x) <= np.float32(0.1) for x in i) for i in imp), imp
+    assert any(x != 0 for i in imp for x in i), "I_k never logged a change"
+
+
+@pytest.mark.parametrize("ablation", ["grpo_rps", "grpo_iwu"])
+def test_mt_grpo_ablations(nano_model, tmp_path, monkeypatch, ablation):
+    """GRPO+RPS keeps z uniform but preserves per-task counts after filtering; GRPO+IWU adapts
+    z but draws one unfiltered round, so nothing is preserved or resampled (spec §7.3)."""
+    rates = {"reverse@1": 0.9, "addition@1": 0.5, "countdown@2": 0.2}
+    rng = np.random.default_rng(1)
+
+    def fake_score_many(task, records, completions, **kw):
+        return [Score(reward=float(ok), correct=bool(ok), format_ok=True, error=None)
+                for ok in rng.random(len(completions)) < rates[task.spec]]
+
+    monkeypatch.setattr(loop, "score_many", fake_score_many)
+    extra = {"algo.name": "mt_grpo", "algo.mt_grpo.weight_lr": 0.5}
+    if ablation == "grpo_rps":
+        extra.update({"algo.mt_grpo.adapt_weights": False, "algo.sampling.max_rounds": 4})
+    else:
+        extra.update({"algo.sampling.filter": "none", "algo.sampling.oversample": 1.0,
+                      "algo.sampling.max_rounds": 1, "algo.mt_grpo.preserve_ratios": False,
+                      "algo.mt_grpo.max_inflation": 1.0})
+    _run(tmp_path, **extra)
+    rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "rps/rounds" in r]
+    names = sorted(rates)
+    weights = np.array([[r[f"task/{n}/weight"] for n in names] for r in rows])
+    if ablation == "grpo_rps":
+        np.testing.assert_allclose(weights, 1 / 3, rtol=0, atol=1e-12)
+        assert any(not r["rps/hit_cap"] for r in rows)
+        for r in rows:
+            if not r["rps/hit_cap"]:
+                for n in names:
+                    assert r[f"task/{n}/realised_count"] == r[f"task/{n}/target_count"], (n, r)
+    else:
+        assert np.ptp(weights, axis=1).max() > 1e-4, "task weights never moved"
+        assert all(r["rps/rounds"] == 1 for r in rows)
+        assert all(r["rps/generated"] == r["rps/batch_size"] for r in rows)
 
 
 def test_fresh_run_refuses_a_directory_with_checkpoints(nano_model, tmp_path):
