@@ -33,8 +33,9 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "AlgoConfig", "CheckpointConfig", "ConfigError", "DynamicSamplingConfig", "ExperimentConfig",
-    "LoggingConfig", "LossConfig", "MeshConfig", "ModelConfigSpec", "MTGRPOConfig",
+    "AlgoConfig", "CheckpointConfig", "ConfigError", "DistributedConfig", "DynamicSamplingConfig",
+    "ExperimentConfig", "LoggingConfig", "LossConfig", "MeshConfig", "ModelConfigSpec",
+    "MTGRPOConfig",
     "OptimConfig", "OverlongConfig", "RolloutConfig", "SFTConfig", "TaskSpec", "TasksConfig",
     "TrainConfig", "config_from_dict", "config_to_dict", "flatten_config", "format_error",
     "load_config", "save_config", "split_cli_args", "validate",
@@ -453,24 +454,43 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ``("data", "fsdp", "tensor")``; -1 means "all remaining devices"."""
+    """Device mesh ``("data", "fsdp", "tensor")``; -1 means "all remaining devices".
+
+    ``axis_types`` is ``auto``: the shardings of the parameters, optimiser state and batch are
+    pinned (jit in/out shardings) and XLA propagates them through the step's scans, reshapes and
+    row permutations. ``explicit`` mesh axes would make every one of those ops carry sharding
+    types by hand; the train step refuses them with an error saying so.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    axis_types: AxisType = AxisType.EXPLICIT
+    axis_types: AxisType = AxisType.AUTO
+    devices: int = -1  # how many devices the mesh spans: -1 all; n: the first n (one process)
 
     def __post_init__(self):
         for k in ("data", "fsdp", "tensor"):
             v = getattr(self, k)
             _need(v == -1 or v > 0, f"mesh.{k}", "a positive int or -1 (the rest)", v)
+        _need(self.devices == -1 or self.devices > 0, "mesh.devices",
+              "a positive int or -1 (every device)", self.devices)
         fills = [k for k in ("data", "fsdp", "tensor") if getattr(self, k) == -1]
         if len(fills) > 1:
             raise ConfigError(f"at most one mesh axis may be -1, got {', '.join(fills)}: set "
                               "all but one to explicit sizes")
 
+    def num_devices(self, available: int) -> int:
+        """The devices the mesh spans out of ``available``; ConfigError if too few."""
+        if self.devices == -1:
+            return available
+        if self.devices > available:
+            raise ConfigError(f"'mesh.devices' ({self.devices}) exceeds the {available} "
+                              "available devices")
+        return self.devices
+
     def shape(self, num_devices: int) -> dict[str, int]:
-        """Axis sizes with -1 resolved for ``num_devices``; ConfigError if they do not fit."""
+        """Axis sizes with -1 resolved for ``num_devices`` devices (those the mesh spans, see
+        :meth:`num_devices`); ConfigError if they do not fit."""
         fixed = math.prod(v for v in (self.data, self.fsdp, self.tensor) if v != -1)
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         if -1 in sizes.values():
@@ -482,6 +502,39 @@ class MeshConfig:
             raise ConfigError(f"mesh {sizes} needs {fixed} devices but {num_devices} are "
                               "available; set one axis to -1")
         return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host runs (``jax.distributed.initialize``); all unset: the standard environment.
+
+    With every field unset a single process starts as usual, unless the environment names a
+    cluster (``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or a
+    Cloud TPU pod / SLURM, which JAX detects): then ``jax.distributed.initialize()`` reads it.
+    Setting ``coordinator_address`` (``host:port`` of process 0) needs the other two as well.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+    def __post_init__(self):
+        given = [self.coordinator_address is not None, self.num_processes is not None,
+                 self.process_id is not None]
+        if any(given) and not all(given):
+            raise ConfigError("distributed.coordinator_address, distributed.num_processes and "
+                              "distributed.process_id must be set together (or none of them, "
+                              "to use the environment)")
+        if self.num_processes is not None:
+            _positive("distributed.num_processes", self.num_processes)
+            _need(0 <= self.process_id < self.num_processes, "distributed.process_id",
+                  f"in [0, num_processes={self.num_processes})", self.process_id)
+        _positive("distributed.initialization_timeout", self.initialization_timeout)
+
+    @property
+    def configured(self) -> bool:
+        return self.coordinator_address is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,6 +614,7 @@ class ExperimentConfig:
     algo: AlgoConfig = dataclasses.field(default_factory=AlgoConfig)
     optim: OptimConfig = dataclasses.field(default_factory=_demo_optim)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=_demo_checkpoint)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     train: TrainConfig = dataclasses.field(default_factory=_demo_train)
@@ -583,7 +637,7 @@ class ExperimentConfig:
         m = self.mesh
         if num_devices is None:
             return None if -1 in (m.data, m.fsdp) else m.data * m.fsdp
-        s = m.shape(num_devices)
+        s = m.shape(m.num_devices(num_devices))
         return s["data"] * s["fsdp"]
 
 

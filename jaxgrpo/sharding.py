@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxgrpo.config import AxisType as ConfigAxisType
-from jaxgrpo.config import ConfigError, MeshConfig
+from jaxgrpo.config import ConfigError, DistributedConfig, MeshConfig
 
 __all__ = [
     "BATCH_AXES",
@@ -39,7 +39,11 @@ __all__ = [
     "ROLLOUT_RULES",
     "TRAIN_RULES",
     "abstract_like",
+    "allgather_rows",
     "batch_sharding",
+    "constrain_rows",
+    "initialize_distributed",
+    "local_rows",
     "logical_to_spec",
     "make_mesh",
     "match_structure",
@@ -89,7 +93,8 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | Sequence[int], devices=No
         config: a :class:`~jaxgrpo.config.MeshConfig`, a mapping ``{"data": .., "fsdp": ..,
             "tensor": ..}`` (missing axes are 1) or a 3-sequence of sizes; at most one size may
             be -1, meaning "the remaining devices".
-        devices: the devices to lay out (their order is kept: row-major over the three axes).
+        devices: the devices to lay out (their order is kept: row-major over the three axes);
+            a ``MeshConfig`` with ``devices=n`` takes the first ``n`` of them.
         axis_types: ``"explicit"`` or ``"auto"`` for all three axes; default the config's
             ``axis_types`` (``MeshConfig`` defaults to explicit). Always passed to ``Mesh``.
 
@@ -123,6 +128,11 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | Sequence[int], devices=No
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
         raise ValueError("devices must not be empty")
+    if isinstance(config, MeshConfig):
+        try:
+            devs = devs[:cfg.num_devices(len(devs))]
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
     try:
         sizes = cfg.shape(len(devs))
     except ConfigError as e:
@@ -221,7 +231,10 @@ def init_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh,
         ``(graphdef, params, rest)`` as ``nnx.split(module, nnx.Param, ...)`` gives them, the
         params in their ``rules`` layout and the other variables replicated.
     """
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)
+    # Outside any mesh context: under one, nnx.eval_shape would read the logical names as
+    # mesh axes.
+    with jax.set_mesh(None):
+        graphdef, params, rest = nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)
     p_sh = param_shardings(params, mesh, rules)
     rest_sh = jax.tree.map(lambda _: replicated(mesh), rest)
 
@@ -317,6 +330,98 @@ def shard_batch(batch, mesh: Mesh, *, group_size: int, process_local: bool = Fal
         return jax.device_put(x, sh)
 
     return jax.tree.map(put, batch)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (row) axis to ``("data", "fsdp")``, the rest replicated.
+
+    Active only under a mesh context (``jax.set_mesh(mesh)``) whose mesh has the batch axes and
+    whose row count divides ``data * fsdp``; otherwise ``x`` is returned unchanged. The model
+    calls it at block boundaries so that XLA keeps activations split by rows (whole sequences)
+    between the weight-gathering matmuls instead of choosing another layout.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or np.ndim(x) < 1:
+        return x
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        return x  # explicit axes carry their sharding in the types already
+    if np.shape(x)[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES,
+                                                             *([None] * (np.ndim(x) - 1))))
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a global array whose axis 0 is split over processes in blocks.
+
+    On one process this is the whole array. On several, the addressable shards are ordered by
+    their first row and de-duplicated (replicas over ``tensor``); they must form one contiguous
+    block, which holds for :func:`batch_sharding` on a mesh from :func:`make_mesh` (devices
+    process-major).
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    by_start = {}
+    for shard in x.addressable_shards:
+        by_start.setdefault(shard.index[0].start or 0, shard)
+    starts = sorted(by_start)
+    parts = [np.asarray(by_start[s].data) for s in starts]
+    stops = [s + len(p) for s, p in zip(starts, parts, strict=True)]
+    if any(a != b for a, b in zip(stops[:-1], starts[1:], strict=True)):
+        raise ValueError(f"x: this process's rows {list(zip(starts, stops, strict=True))} are not "
+                         "one contiguous block; build the mesh with make_mesh (process-major)")
+    return np.concatenate(parts)
+
+
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+    """Concatenates every process's host array along axis 0, in process order (one process:
+    ``x`` itself). Every process must pass the same shape and dtype."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def initialize_distributed(config: DistributedConfig | None = None) -> bool:
+    """Joins the processes of a multi-host run (``jax.distributed.initialize``), once.
+
+    With ``config.coordinator_address`` set, its three fields are used. Otherwise the standard
+    environment decides: ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``), or a Cloud TPU pod / SLURM job that JAX detects itself
+    (``TPU_WORKER_HOSTNAMES`` with more than one host, ``SLURM_JOB_ID``). With none of these it
+    does nothing: a single process. Must run before anything touches a JAX device.
+
+    Returns:
+        True when this process is part of a multi-process run.
+    """
+    import os
+
+    cfg = config or DistributedConfig()
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    if cfg.configured:
+        jax.distributed.initialize(cfg.coordinator_address, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id,
+                                   initialization_timeout=cfg.initialization_timeout)
+        return True
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not: "
+                             "set all three (or none, on a Cloud TPU pod)")
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]),
+                                   initialization_timeout=cfg.initialization_timeout)
+        return True
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(tpu_hosts) > 1 or int(env.get("SLURM_NTASKS", "1")) > 1:
+        # Cloud TPU pods and SLURM: JAX reads the coordinator, count and rank itself.
+        jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+        return True
+    return False
 
 
 def _check_rules(rules) -> None:

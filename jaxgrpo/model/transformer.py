@@ -9,6 +9,10 @@ in its ``out_sharding`` metadata (``nnx.get_partition_spec`` returns them); the 
 Attention masks work on cache *slots*: a sequence occupies slots ``0..S-1``; a key slot is
 attended when it holds a real token (``key_valid``) and is not after the query's slot. Positions
 (for RoPE) are separate, so left-padded prompts get positions ``0..len-1`` on their real tokens.
+
+Sharding: under a mesh context (``jax.set_mesh``) the activations entering and leaving every
+block are constrained to rows split over ``("data", "fsdp")``
+(``jaxgrpo.sharding.constrain_rows``); without a mesh context the constraint is a no-op.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrpo.model.config import ModelConfig
+from jaxgrpo.sharding import constrain_rows
 
 _NEG = -1e30
 
@@ -33,7 +38,10 @@ def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, init: str = "no
     elif init == "zeros":
         value = jnp.zeros(shape, dt)
     else:
-        value = (cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dt)
+        # The barrier keeps XLA from fusing the scaling into the sampler, so an init under jit
+        # (jaxgrpo.sharding.init_sharded) gives the same bits as an eager one.
+        noise = jax.lax.optimization_barrier(jax.random.normal(rngs.params(), shape, jnp.float32))
+        value = (cfg.initializer_range * noise).astype(dt)
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
@@ -192,11 +200,12 @@ class Transformer(nnx.Module):
             ``(hidden [B, T, D] final-normed, new_cache)``.
         """
         dt = _dtype(self.cfg.dtype)
-        x = self.embedding[...][tokens_BxT].astype(dt)
+        x = constrain_rows(self.embedding[...][tokens_BxT].astype(dt))
         inv_freq = self._inv_freq()
         new_cache = []
         for layer, kv in zip(self.layers, cache, strict=True):
             x, kv = layer(x, positions_BxT, inv_freq, kv, write_index, key_valid_BxS)
+            x = constrain_rows(x)
             new_cache.append(kv)
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt), new_cache
 
@@ -226,9 +235,10 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"positions must have the shape of tokens {(b, t)}, got {positions.shape}")
         dt = _dtype(self.cfg.dtype)
-        x = self.embedding[...][tokens].astype(dt)
+        x = constrain_rows(self.embedding[...][tokens].astype(dt))
         inv_freq = self._inv_freq()
         for layer in self.layers:
             x, _ = layer(x, positions, inv_freq, None, 0, mask)
+            x = constrain_rows(x)
         hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt)
         return hidden if return_hidden else self.logits(hidden)

@@ -188,14 +188,30 @@ def _check_int_tuple(name, value, vocab_size):
 def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samples: int = 1,
                         max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                         top_p: float = 1.0, eos_ids=(), stop_sequences=(), greedy: bool = False,
-                        pad_id: int = 0, buckets=DEFAULT_BUCKETS) -> Rollout:
+                        pad_id: int = 0, buckets=DEFAULT_BUCKETS,
+                        row_sharding: jax.sharding.NamedSharding | None = None) -> Rollout:
     """``generate`` for a model held as ``(graphdef, state)`` from ``nnx.split`` (the trainer's
-    form). Arguments as in ``generate``."""
+    form). Arguments as in ``generate``, plus:
+
+    Args:
+        row_sharding: a ``NamedSharding`` of the ``[P, Tp]`` prompts over a mesh (rows split,
+            e.g. ``jaxgrpo.sharding.batch_sharding(mesh, 2)``). The prompts are then *this
+            process's* rows (host arrays, the same ``Tp`` on every process); the global batch
+            is assembled with ``jax.make_array_from_process_local_data`` and every array of the
+            returned ``Rollout`` is a global array with its rows split the same way.
+    """
     vocab_size = int(jax.tree.leaves(state["embedding"])[0].shape[0])
-    # Prompts given as a sharded global array keep that (row) sharding through the host padding.
-    row_sharding = (prompt_tokens.sharding if isinstance(prompt_tokens, jax.Array)
-                    and not isinstance(prompt_tokens, jax.core.Tracer)
-                    and isinstance(prompt_tokens.sharding, jax.sharding.NamedSharding) else None)
+    process_local = row_sharding is not None
+    if process_local:
+        if not isinstance(row_sharding, jax.sharding.NamedSharding):
+            raise TypeError(f"row_sharding must be a NamedSharding, got "
+                            f"{type(row_sharding).__name__}")
+        if isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_mask, jax.core.Tracer):
+            raise ValueError("row_sharding needs host (NumPy) prompts, not traced values")
+    elif (isinstance(prompt_tokens, jax.Array) and not isinstance(prompt_tokens, jax.core.Tracer)
+          and isinstance(prompt_tokens.sharding, jax.sharding.NamedSharding)):
+        # Prompts given as a sharded global array keep that (row) sharding through the padding.
+        row_sharding = prompt_tokens.sharding
     if not isinstance(prompt_tokens, jax.core.Tracer):
         prompt_tokens = np.asarray(prompt_tokens)
     if not isinstance(prompt_mask, jax.core.Tracer):
@@ -238,17 +254,27 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
         prompt_tokens = xp.concatenate(
             [xp.full((p, tb - t), pad_id, prompt_tokens.dtype), prompt_tokens], axis=1)
         prompt_mask = xp.concatenate([xp.zeros((p, tb - t), bool), prompt_mask], axis=1)
-    if row_sharding is not None:
+    if process_local:
+        shape = (p * jax.process_count(), tb)
+        prompt_tokens, prompt_mask = (
+            jax.make_array_from_process_local_data(row_sharding, np.asarray(a), shape)
+            for a in (prompt_tokens.astype(np.int32), prompt_mask))
+    elif row_sharding is not None:
         prompt_tokens, prompt_mask = jax.device_put((prompt_tokens.astype(np.int32), prompt_mask),
                                                     row_sharding)
     eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
     eos_E[:len(eos_ids)] = eos_ids
-    return _generate_jit(
+    out = _generate_jit(
         graphdef, state, prompt_tokens.astype(xp.int32), prompt_mask, key,
         np.float32(1.0 if greedy else temperature), eos_E,
         num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=int(top_k),
         top_p=float(top_p), stop_sequences=stop_sequences, greedy=bool(greedy),
         pad_id=int(pad_id))
+    if process_local:
+        rows = row_sharding.spec[0] if len(row_sharding.spec) else None
+        out = jax.tree.map(lambda a: jax.device_put(a, jax.sharding.NamedSharding(
+            row_sharding.mesh, jax.sharding.PartitionSpec(rows, *([None] * (a.ndim - 1))))), out)
+    return out
 
 
 def generate(model, prompt_tokens, prompt_mask, key, *, num_samples: int = 1,

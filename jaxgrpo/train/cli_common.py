@@ -15,13 +15,18 @@ def add_config_arguments(parser) -> None:
 
 def load(args):
     """The validated config, or ``None`` after printing a one-line error (exit code 2)."""
-    from jaxgrpo.config import ConfigError, format_error, load_config, split_cli_args
+    from jaxgrpo.config import ConfigError, format_error, load_config, split_cli_args, validate
 
     try:
         path, overrides = split_cli_args(args.config_args)
+        cfg = load_config(path, overrides)
         import jax
 
-        return load_config(path, overrides, num_devices=jax.device_count())
+        from jaxgrpo.sharding import initialize_distributed
+
+        # A multi-host run joins its processes before anything asks JAX for devices.
+        initialize_distributed(cfg.distributed)
+        return validate(cfg, num_devices=jax.device_count(), check_paths=False)
     except ConfigError as e:
         print(format_error(e), file=sys.stderr)
         return None

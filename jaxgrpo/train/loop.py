@@ -17,6 +17,17 @@ One RL step:
 
 Randomness is a pure function of ``(seed, step)`` and every host-side sampler is restored from
 the checkpoint, so a resumed run continues bit for bit.
+
+Devices and hosts (``cfg.mesh``, ``cfg.distributed``): the parameters are created in the training
+layout (``jaxgrpo.sharding.TRAIN_RULES``), the train state and every step's batch are sharded over
+the mesh (rows over ``data*fsdp``, whole groups per device) and the step is jitted with those in/out
+shardings. Rollouts use the rollout layout (weights gathered over ``fsdp``; the same arrays when
+``fsdp=1``). With several processes every host computes the same global prompt schedule, rolls out
+and verifies only its own contiguous block of prompts, and the per-group results are gathered to
+every host, so the batch sampler's decisions (DAPO/MT-GRPO filtering, per-task counts) and the
+advantages are identical everywhere; each host then feeds its rows of the train batch
+(``jax.make_array_from_process_local_data``). Only process 0 writes logs; every process writes
+its part of each checkpoint. One device is a 1-device mesh: the same numbers as without a mesh.
 """
 
 from __future__ import annotations
@@ -32,8 +43,17 @@ import numpy as np
 from flax import nnx
 
 from jaxgrpo import metrics as metrics_lib
+from jaxgrpo import sharding as shd
 from jaxgrpo.checkpoint import Checkpointer
-from jaxgrpo.config import Agg, Algo, Estimator, ExperimentConfig, flatten_config, save_config
+from jaxgrpo.config import (
+    Agg,
+    Algo,
+    Estimator,
+    ExperimentConfig,
+    flatten_config,
+    save_config,
+    validate,
+)
 from jaxgrpo.core import advantages as core_adv
 from jaxgrpo.data import Group, RatioPreservingSampler, TaskSampler
 from jaxgrpo.rollout import generate_functional
@@ -59,17 +79,68 @@ class Policy:
     pad_id: int
     eos_ids: tuple[int, ...]
     matmul_params: int = 0  # for model-FLOP accounting
+    mesh: object = None  # the device mesh (None: the default device, no sharding)
+    rollout_shardings: object = None  # params in the rollout layout, when it differs
 
-    def generator(self, *, num_samples, max_new_tokens, temperature, top_k, top_p, buckets):
+    def generator(self, *, num_samples, max_new_tokens, temperature, top_k, top_p, buckets,
+                  local: bool = False):
+        """``gen(params, prompt_tokens, prompt_mask, key) -> Rollout`` (host arrays on a mesh).
+
+        On a mesh the prompts are every host's identical global batch, and each host feeds its
+        own rows; with ``local=True`` they are this host's rows only (and so is the result).
+        """
         def gen(params, prompt_tokens, prompt_mask, key):
             state = nnx.merge_state(params, self.parts.rest)
-            return generate_functional(
-                self.graphdef, state, prompt_tokens, prompt_mask, key,
+            kw = dict(
                 num_samples=num_samples, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_k=top_k, top_p=top_p,
                 eos_ids=self.eos_ids, pad_id=self.pad_id, buckets=buckets,
             )
+            if self.mesh is None:
+                return generate_functional(self.graphdef, state, prompt_tokens, prompt_mask,
+                                           key, **kw)
+            return _mesh_generate(self.graphdef, state, prompt_tokens, prompt_mask, key,
+                                  self.mesh, local=local, **kw)
         return gen
+
+    def for_rollout(self, params):
+        """``params`` moved on device to the rollout layout (the same arrays if it is the
+        training layout, e.g. ``fsdp=1``)."""
+        return params if self.rollout_shardings is None else shd.reshard(
+            params, self.rollout_shardings)
+
+
+def _mesh_generate(graphdef, state, tokens, mask, key, mesh, *, local, **kw):
+    """Rolls out prompts on ``mesh``; returns host (NumPy) arrays.
+
+    ``local=False``: ``tokens`` are the global batch (the same on every host); the rows are
+    padded to a multiple of the data-parallel size with copies of the last prompt, each host
+    feeds its block, and the whole result comes back on every host. ``local=True``: ``tokens``
+    are this host's rows (prompt widths are made equal across hosts) and this host's rows come
+    back.
+    """
+    nproc, pid = jax.process_count(), jax.process_index()
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    if nproc > 1:  # one prompt width on every host
+        width = int(shd.allgather_rows(np.asarray([tokens.shape[1]])).max())
+        pad = width - tokens.shape[1]
+        tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=kw["pad_id"])
+        mask = np.pad(mask, ((0, 0), (pad, 0)), constant_values=False)
+    p = tokens.shape[0]
+    if not local:
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = -(-p // dp) * dp
+        if rows > p:
+            tokens = np.concatenate([tokens, np.repeat(tokens[-1:], rows - p, axis=0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], rows - p, axis=0)])
+        block = rows // nproc
+        tokens, mask = (a[pid * block:(pid + 1) * block] for a in (tokens, mask))
+    out = generate_functional(graphdef, state, tokens, mask, key,
+                              row_sharding=shd.batch_sharding(mesh, 2), **kw)
+    out = jax.tree.map(shd.local_rows, out)
+    if local:
+        return out
+    return jax.tree.map(lambda a: shd.allgather_rows(a)[:p], out)
 
 
 def resolve_tasks(cfg: ExperimentConfig):
@@ -220,16 +291,28 @@ class Setup:
     log: object
 
 
-def setup(cfg: ExperimentConfig, *, stream=sys.stderr) -> Setup:
+def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
+    """With a ``mesh`` the parameters are created in the training layout and rollouts run there
+    (resharded to the rollout layout); without one, everything is on the default device."""
     names, tasks, ratios = resolve_tasks(cfg)  # an unknown task fails before anything is written
     workdir = pathlib.Path(cfg.train.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(f"[jaxgrpo] {msg}", file=stream, flush=True)
-    model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed, workdir=workdir)
+    quiet = jax.process_index() != 0
+    log = lambda msg: None if quiet else print(f"[jaxgrpo] {msg}", file=stream, flush=True)
+    model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed, workdir=workdir, mesh=mesh,
+                                    rules=shd.TRAIN_RULES)
     pad_id, eos_ids = special_ids(tokenizer)
     parts, params = split_model(model)
+    rollout_sh = None
+    if mesh is not None:
+        flat = lambda rules: jax.tree.leaves(
+            shd.param_shardings(params, mesh, rules),
+            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        if flat(shd.TRAIN_RULES) != flat(shd.ROLLOUT_RULES):  # fsdp > 1: weights gathered
+            rollout_sh = shd.param_shardings(params, mesh, shd.ROLLOUT_RULES)
     policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids,
-                    matmul_params=int(model.cfg.matmul_params))
+                    matmul_params=int(model.cfg.matmul_params), mesh=mesh,
+                    rollout_shardings=rollout_sh)
     eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**30)
     return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
 
@@ -267,14 +350,35 @@ def run(
     ``resume`` continues from the latest checkpoint under the run's directory. ``stop_after``
     ends this process's work after that many steps (with a checkpoint), as a preemption would;
     a later ``resume`` continues exactly where it stopped.
+
+    Joins a multi-host run first (``cfg.distributed`` or the environment; nothing happens for a
+    single process), then builds the mesh ``cfg.mesh`` over every device and trains under it.
     """
+    shd.initialize_distributed(cfg.distributed)
+    validate(cfg, num_devices=jax.device_count(), check_paths=False)
+    if jax.process_count() > 1 and cfg.mesh.devices != -1:
+        raise ValueError("mesh.devices must be -1 (every device) in a multi-process run")
+    if jax.process_count() > 1 and cfg.model.sft.steps > 0:
+        raise ValueError(
+            "model.sft.steps > 0 runs the SFT warm start in this process only: with several "
+            "processes run `jaxgrpo sft` first and start RL from its HF checkpoint (model.path), "
+            "with model.sft.steps=0"
+        )
+    mesh = shd.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        return _run(cfg, mesh, resume=resume, stop_after=stop_after, stream=stream)
+
+
+def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, stream) -> dict:
     # ---- SET-UP --------------------------------------------------------------------------
-    su = setup(cfg, stream=stream)
+    su = setup(cfg, stream=stream, mesh=mesh)
     workdir, names, tasks, ratios, policy, log = (
         su.workdir, su.names, su.tasks, su.ratios, su.policy, su.log
     )
     check_blockwise(cfg, tasks)
-    save_config(cfg, workdir / "config.yaml")
+    lead = jax.process_index() == 0  # the one process that writes logs and files
+    if lead:
+        save_config(cfg, workdir / "config.yaml")
     base_key = jax.random.key(cfg.train.seed)
     task_index = {n: i for i, n in enumerate(names)}
     rc, lc = cfg.rollout, cfg.loss
@@ -298,8 +402,12 @@ def run(
         params = warm_start(cfg, su, params, workdir / "sft_model")
 
     # ---- STATE, STEP, SAMPLERS -----------------------------------------------------------
+    # The state is built by one jitted function whose outputs are already in their layout.
     tx = optimizer(cfg)
-    state = initial_state(cfg, params, tx)
+    make_state = lambda p: initial_state(cfg, p, tx)
+    abstract_state = jax.eval_shape(make_state, params)
+    state_sh = shd.state_shardings(abstract_state, mesh, shd.TRAIN_RULES, tx)
+    state = jax.jit(make_state, out_shardings=state_sh)(params)
     step_cfg = StepConfig(
         epochs=lc.epochs, num_minibatches=lc.minibatches,
         clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
@@ -308,7 +416,13 @@ def run(
         max_len=rc.max_new_tokens, recompute_old_logp=True,
         num_tasks=len(names) if cfg.algo.name == Algo.MT_GRPO else 0,
     )
-    train_step = make_train_step(parts, tx, step_cfg)
+    blockwise = lc.estimator == Estimator.BLOCKWISE
+    batch_sh = batch_lib.TrainBatch(
+        *(shd.batch_sharding(mesh, 2),) * 3, shd.batch_sharding(mesh, 2 if blockwise else 1),
+        *(shd.batch_sharding(mesh, 2),) * 2, *(shd.batch_sharding(mesh, 1),) * 2,
+    )
+    train_step = make_train_step(parts, tx, step_cfg, state_sharding=state_sh,
+                                 batch_sharding=batch_sh)
     prompts = TaskSampler(
         {n: t.dataset("train", cfg.tasks.seed) for n, t in tasks.items()},
         ratios, global_batch=cfg.tasks.prompts_per_step, seed=cfg.tasks.seed,
@@ -316,7 +430,7 @@ def run(
     batcher = make_batch_sampler(cfg, names, cfg.tasks.seed)
     mt = TaskWeightUpdater(names, cfg.algo.mt_grpo) if cfg.algo.name == Algo.MT_GRPO else None
     if restoring:
-        state, meta = ckpt.restore(abstract_state=jax.eval_shape(lambda: state))
+        state, meta = ckpt.restore(abstract_state=shd.abstract_like(abstract_state, state_sh))
         prompts.set_state(meta["task_sampler"])
         batcher.set_state(meta["batch_sampler"])
         if mt is not None:
@@ -325,28 +439,31 @@ def run(
         summary.update({k: meta[k] for k in ("accuracy_init",) if k in meta})
         log(f"resumed from {ckpt_dir} at step {int(state.step)}")
     else:
-        summary["accuracy_before"] = evaluate(policy, state.params, tasks, es, cfg, eval_key)
+        summary["accuracy_before"] = evaluate(
+            policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key
+        )
     log("accuracy before RL: " + _fmt_acc(summary["accuracy_before"]))
 
     # ---- LOOP ----------------------------------------------------------------------------
     peak = measure_matmul_peak()
     log_path = workdir / "metrics.jsonl"
-    if not restoring and log_path.exists():
+    if lead and not restoring and log_path.exists():
         log_path.unlink()
-    writer = metrics_lib.JsonlWriter(log_path, resume_step=int(state.step) if restoring else None)
-    if cfg.logging.tensorboard:
+    writer = (metrics_lib.JsonlWriter(log_path, resume_step=int(state.step) if restoring else None)
+              if lead else metrics_lib.NullWriter())
+    if lead and cfg.logging.tensorboard:
         writer = metrics_lib.MultiWriter(
             [writer, metrics_lib.TensorBoardWriter(cfg.logging.dir or workdir / "tensorboard")]
         )
     writer.write_hparams(flatten_config(cfg))
     guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
-    progress = metrics_lib.ProgressBar(cfg.train.steps, stream=stream) if cfg.logging.progress else None
+    progress = (metrics_lib.ProgressBar(cfg.train.steps, stream=stream)
+                if lead and cfg.logging.progress else None)
     gen = policy.generator(
         num_samples=rc.group_size, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-        top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets,
+        top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets, local=True,
     )
     start_step = last_saved = int(state.step)
-    blockwise = lc.estimator == Estimator.BLOCKWISE
     ent_ctl = (
         blocks_lib.EntropyController(
             target=lc.target_entropy, delta=lc.entropy_delta, max_coef=lc.entropy_coef_max
@@ -360,16 +477,21 @@ def run(
         t0 = time.perf_counter()
         step_key = jax.random.fold_in(base_key, step)
         rounds: list[rollouts.Groups] = []
+        rollout_params = policy.for_rollout(state.params)
 
-        def generate(requests, _params=state.params, _key=step_key, _rounds=rounds):
-            items = prompts.draw(requests)
+        def generate(requests, _params=rollout_params, _key=step_key, _rounds=rounds):
+            items = prompts.draw(requests)  # the global batch, the same on every host
+            # This host rolls out and verifies its block of the prompts (padded to a multiple
+            # of the data-parallel size); every host then holds every group's results.
+            mine, pad = _host_block(items, mesh)
             g = rollouts.collect(
-                items, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
+                mine, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
                 generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
                 key=jax.random.fold_in(_key, len(_rounds)), prompt_buckets=rc.prompt_buckets,
                 pad_id=pad_id, score_fn=score_many, with_blocks=blockwise,
                 eos_ids=policy.eos_ids,
             )
+            g = _gather_groups(g, items, pad)
             _apply_overlong(g, cfg)
             r = len(_rounds)
             _rounds.append(g)
@@ -386,16 +508,21 @@ def run(
             old_logp=groups.logprobs, valid=valid, task_ids=groups.task_ids, pad_id=pad_id,
             token_weights=token_weights,
         )
+        # Every host built the same global batch; each feeds its own rows (whole groups).
+        rows = tb.tokens.shape[0] // jax.process_count()
+        own = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+        tb = shd.shard_batch(jax.tree.map(lambda a, s=own: a[s], tb), mesh,
+                             group_size=rc.group_size, process_local=True)
         coef_used = float(state.entropy_coef) if ent_ctl is not None else 0.0  # (donated next)
         state, dev_metrics = train_step(state, tb)
         if ent_ctl is not None:
             # The next rollout waits for this step's parameters anyway: fetching one scalar
             # here costs no overlap.
             coef = ent_ctl.update(coef_used, float(dev_metrics["loss/entropy_mean"]))
-            state = state.replace(entropy_coef=jnp.asarray(coef, jnp.float32))
+            state = state.replace(entropy_coef=_replicated(coef, mesh))
         if pending is not None:
             _flush(pending, writer, guard, progress)
-        host = _rollout_metrics(groups, rounds, names, result, t_rollout)
+        host = _rollout_metrics(groups, rounds, names, result, _slowest(t_rollout))
         if blockwise:
             host.update(_block_metrics(groups, valid, adv, cfg))
         if ent_ctl is not None:
@@ -408,10 +535,11 @@ def run(
         pending = (step, host, dev_metrics, t0)
         if mt is not None:
             everything = rollouts.Groups.concat(rounds)
-            mt.update(everything.correct, everything.task_ids, dev_metrics["task_improvement"])
+            mt.update(everything.correct, everything.task_ids,
+                      np.asarray(dev_metrics["task_improvement"]))
             host.update(mt.metrics())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-            acc = evaluate(policy, state.params, tasks, es, cfg, eval_key)
+            acc = evaluate(policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key)
             writer.write_scalars(step + 1, {f"eval/{k}/accuracy": v for k, v in acc.items()})
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
             _save(ckpt, state, prompts, batcher, mt, summary, cfg)
@@ -424,12 +552,69 @@ def run(
     ckpt.close()
 
     # ---- FINAL EVALUATION ----------------------------------------------------------------
-    summary["accuracy_after"] = evaluate(policy, state.params, tasks, es, cfg, eval_key)
+    summary["accuracy_after"] = evaluate(
+        policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key
+    )
     writer.write_scalars(cfg.train.steps, {f"eval/{k}/accuracy": v for k, v in summary["accuracy_after"].items()})
     writer.close()
     summary["params"] = state.params
     summary["task_sampler_state"] = prompts.get_state()
     return summary
+
+
+def _host_block(items: list, mesh) -> tuple[list, int]:
+    """``(this host's items, padding)``: the global list is padded with copies of its last item
+    to a multiple of the data-parallel size ``data*fsdp`` and split into one contiguous block per
+    process (so the global rollout batch has the rows of a single-process run)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    nproc = jax.process_count()
+    if dp % nproc:
+        raise ValueError(f"mesh: the data-parallel size data*fsdp={dp} must divide by the "
+                         f"number of processes ({nproc}), so that every host feeds whole rows")
+    padded = list(items) + [items[-1]] * (-len(items) % dp)
+    block = len(padded) // nproc
+    i = jax.process_index()
+    return padded[i * block:(i + 1) * block], len(padded) - len(items)
+
+
+def _gather_groups(local: rollouts.Groups, items: list, pad: int) -> rollouts.Groups:
+    """Every host's block of a round, concatenated in process order, padding rows dropped.
+
+    Arrays are gathered (prompt widths and block counts padded to the widest host first);
+    ``items`` is the global list every host drew; ``texts`` are kept for this host's rows only
+    (other hosts' completions are ``""``: nothing downstream reads them).
+    """
+    n = len(items)
+    if jax.process_count() == 1:
+        return local.take(np.arange(n)) if pad else local
+    out = {}
+    for f in dataclasses.fields(rollouts.Groups):
+        v = getattr(local, f.name)
+        if not isinstance(v, np.ndarray):
+            continue
+        shapes = shd.allgather_rows(np.asarray([v.shape], np.int64))
+        widths = [(0, 0)] + [(0, int(m) - d) for m, d in zip(shapes.max(0)[1:], v.shape[1:],
+                                                              strict=True)]
+        if f.name in ("prompt_tokens", "prompt_mask"):  # left-padded prompts
+            widths = [(0, 0), widths[1][::-1]]
+        fill = -1 if f.name == "block_ids" else 0
+        out[f.name] = shd.allgather_rows(np.pad(v, widths, constant_values=fill))[:n]
+    g = local.tokens.shape[1]
+    texts = [[""] * g for _ in range(len(items) + pad)]
+    block = len(texts) // jax.process_count()
+    texts[jax.process_index() * block:(jax.process_index() + 1) * block] = local.texts
+    return rollouts.Groups(items=list(items), texts=texts[:n], **out)
+
+
+def _slowest(seconds: float) -> float:
+    """The largest of every host's value (one host's rollout time holds up all of them)."""
+    return float(shd.allgather_rows(np.asarray([seconds], np.float64)).max())
+
+
+def _replicated(value: float, mesh) -> jax.Array:
+    """A float32 scalar replicated over ``mesh`` (a global array on every host)."""
+    return jax.make_array_from_callback((), shd.replicated(mesh),
+                                        lambda _: np.asarray(value, np.float32))
 
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:

@@ -11,20 +11,29 @@ from jaxgrpo.config import ModelConfigSpec
 from jaxgrpo.model import ModelConfig, Transformer, build_demo_tokenizer, load_hf, load_tokenizer
 
 
-def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path):
+def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path, mesh=None,
+                 rules=None):
     """Returns ``(model, tokenizer)``.
 
     ``preset: tiny`` builds the character-level demo tokenizer (saved under
     ``workdir/tokenizer`` in the HF format) and a randomly initialised tiny decoder; ``path``
-    loads an HF checkpoint directory and its tokenizer (or ``spec.tokenizer``).
+    loads an HF checkpoint directory and its tokenizer (or ``spec.tokenizer``). With a ``mesh``
+    every parameter is created (or loaded) directly in its ``rules`` layout
+    (``jaxgrpo.sharding.init_sharded`` / ``load_hf(mesh=, rules=)``).
     """
     dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
     if spec.preset in ("tiny", "demo"):
         tokenizer = build_demo_tokenizer(workdir / "tokenizer")
         make = ModelConfig.tiny if spec.preset == "tiny" else ModelConfig.demo
         cfg = make(len(tokenizer), dtype=str(spec.dtype), param_dtype=str(spec.param_dtype))
-        return Transformer(cfg, rngs=nnx.Rngs(seed)), tokenizer
-    model = load_hf(spec.path, dtype=dtype)
+        if mesh is None:
+            return Transformer(cfg, rngs=nnx.Rngs(seed)), tokenizer
+        from jaxgrpo.sharding import init_sharded
+
+        graphdef, params, rest = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)),
+                                              mesh, rules)
+        return nnx.merge(graphdef, params, rest), tokenizer
+    model = load_hf(spec.path, dtype=dtype, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(spec.tokenizer or spec.path)
     return model, tokenizer
 

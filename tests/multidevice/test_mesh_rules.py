@@ -25,15 +25,21 @@ def test_make_mesh_resolves_sizes(spec, shape):
     mesh = shd.make_mesh(spec)
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert tuple(mesh.shape[a] for a in mesh.axis_names) == shape
-    assert mesh.axis_types == (AxisType.Explicit,) * 3  # MeshConfig's default, stated explicitly
+    assert mesh.axis_types == (AxisType.Auto,) * 3  # MeshConfig's default, stated explicitly
     # Row-major device order: the tensor axis is the fastest-varying.
     assert list(mesh.devices.reshape(-1)) == jax.devices()
 
 
 def test_make_mesh_axis_types_and_subset_of_devices():
-    mesh = shd.make_mesh((2, 2, 1), jax.devices()[:4], axis_types="auto")
-    assert mesh.axis_types == (AxisType.Auto,) * 3
+    mesh = shd.make_mesh((2, 2, 1), jax.devices()[:4], axis_types="explicit")
+    assert mesh.axis_types == (AxisType.Explicit,) * 3
     assert mesh.devices.size == 4
+    # MeshConfig.devices takes the first n devices.
+    mesh = shd.make_mesh(MeshConfig(devices=2))
+    assert mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert list(mesh.devices.reshape(-1)) == jax.devices()[:2]
+    with pytest.raises(ValueError, match="mesh.devices"):
+        shd.make_mesh(MeshConfig(devices=9))
 
 
 @pytest.mark.parametrize("spec, exc, words", [
@@ -147,7 +153,7 @@ def test_sharded_step_refuses_explicit_mesh_axes():
     parts, params = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
     tx = optax.sgd(0.1)
     state = init_train_state(params, tx, 0, with_ref=False)
-    mesh = shd.make_mesh((2, 2, 2))  # explicit axes
+    mesh = shd.make_mesh((2, 2, 2), axis_types="explicit")
     st_sh = shd.state_shardings(state, mesh, shd.TRAIN_RULES, tx)
     with pytest.raises(ValueError, match="Auto axes"):
         make_train_step(parts, tx, StepConfig(), state_sharding=st_sh,

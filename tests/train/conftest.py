@@ -34,6 +34,7 @@ def tiny_overrides(workdir, **extra):
         "logging.progress": False,
         "optim.lr": 1e-2,
         "optim.warmup_steps": 0,
+        "mesh.devices": 1,  # one of the 8 simulated devices (tests/multidevice runs meshes)
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

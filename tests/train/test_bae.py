@@ -397,7 +397,8 @@ def test_bae_demo_config_smoke_run(nano_model, tmp_path):
     over = {"train.workdir": str(tmp_path), "train.steps": 2, "train.eval_every": 0,
             "model.sft.steps": 3, "model.sft.batch_size": 4, "tasks.prompts_per_step": 4,
             "tasks.eval_prompts": 2, "rollout.group_size": 4, "rollout.eval_samples": 2,
-            "checkpoint.every": 0, "checkpoint.asynchronous": False, "logging.progress": False}
+            "checkpoint.every": 0, "checkpoint.asynchronous": False, "logging.progress": False,
+            "mesh.devices": 1}
     cfg = load_config(ROOT / "configs" / "bae_demo.yaml", [f"{k}={v}" for k, v in over.items()])
     out = loop.run(cfg, stream=io.StringIO())
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][:2]
