@@ -279,7 +279,10 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Me
     refs = _index_weights(directory)
     target = np.dtype(jnp.dtype(dtype))
 
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    # Outside any mesh context: under one (as in `jaxgrpo train`), nnx.eval_shape would read
+    # the logical axis names as mesh axes.
+    with jax.set_mesh(None):
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     for entry in key_table(cfg):

@@ -32,3 +32,17 @@ def test_load_into_mesh_shardings(tmp_path):
     tokens = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
     got = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))  # runs on the sharded params
     np.testing.assert_allclose(got, np.asarray(plain(tokens)), atol=1e-5, rtol=0)
+
+
+def test_load_inside_a_mesh_context(tmp_path):
+    """`jaxgrpo train` loads HF weights with its mesh set: the logical names must not be read as
+    mesh axes while the model is traced abstractly."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
+    build_tiny_hf(tmp_path, "qwen2", tie_word_embeddings=False)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"),
+                axis_types=(AxisType.Auto, AxisType.Auto))
+    rules = {"embed": "fsdp", "vocab": None, "heads": "tensor", "mlp": "tensor"}
+    with jax.set_mesh(mesh):
+        model = load_hf(tmp_path, mesh=mesh, rules=rules)
+    assert model.embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
