@@ -96,7 +96,7 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | Sequence[int], devices=No
         devices: the devices to lay out (their order is kept: row-major over the three axes);
             a ``MeshConfig`` with ``devices=n`` takes the first ``n`` of them.
         axis_types: ``"explicit"`` or ``"auto"`` for all three axes; default the config's
-            ``axis_types`` (``MeshConfig`` defaults to explicit). Always passed to ``Mesh``.
+            ``axis_types`` (``MeshConfig`` defaults to auto). Always passed to ``Mesh``.
 
     Raises:
         ValueError: sizes that are not positive or -1, more than one -1, sizes that do not

@@ -354,6 +354,11 @@ def run(
     Joins a multi-host run first (``cfg.distributed`` or the environment; nothing happens for a
     single process), then builds the mesh ``cfg.mesh`` over every device and trains under it.
     """
+    if cfg.mesh.axis_types != "auto":
+        raise ValueError(
+            f"mesh.axis_types {str(cfg.mesh.axis_types)!r} is not supported by the trainer: set "
+            "mesh.axis_types=auto (the step pins its shardings through jit in/out shardings)"
+        )
     shd.initialize_distributed(cfg.distributed)
     validate(cfg, num_devices=jax.device_count(), check_paths=False)
     if jax.process_count() > 1 and cfg.mesh.devices != -1:

@@ -11,10 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from jaxgrpo.config import load_config
 from jaxgrpo.train import loop
-from tests.train.conftest import tiny_overrides
+from tests.train.conftest import nano_model, tiny_overrides  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.multidevice
 WORKER = pathlib.Path(__file__).with_name("loop_worker.py")
@@ -60,7 +61,8 @@ def one_device(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_loop_on_eight_devices_matches_one_device(nano_model, tmp_path, one_device):
+@pytest.mark.usefixtures("nano_model")
+def test_loop_on_eight_devices_matches_one_device(tmp_path, one_device):
     ref_out, ref_rows = one_device
     # (2, 2, 2): batch rows over data*fsdp, weights over fsdp and tensor, rollouts resharded
     # to the rollout layout (weights gathered over fsdp).
@@ -69,7 +71,7 @@ def test_loop_on_eight_devices_matches_one_device(nano_model, tmp_path, one_devi
     _assert_same_metrics(rows, ref_rows)
     emb = out["params"]["embedding"].get_value()
     assert emb.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert emb.sharding.spec == ("tensor", "fsdp")
+    assert emb.sharding.spec == PartitionSpec("tensor", "fsdp")
     for a, b in zip(*(jax_leaves(o["params"]) for o in (out, ref_out)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert out["accuracy_after"] == pytest.approx(ref_out["accuracy_after"], abs=1e-6)

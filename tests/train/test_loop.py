@@ -121,3 +121,10 @@ def test_run_writes_config_metrics_and_checkpoints(nano_model, tmp_path):
     assert any(k.startswith("task/") and k.endswith("/zero_adv_frac") for k in keys)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     assert set(out["accuracy_before"]) == set(out["accuracy_after"])
+
+
+def test_explicit_mesh_axes_are_refused_before_anything_runs(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"mesh.axis_types": "explicit"}))
+    with pytest.raises(ValueError, match="mesh.axis_types=auto"):
+        loop.run(cfg, stream=io.StringIO())
+    assert not (tmp_path / "run").exists()
