@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from jaxgrpo.config import load_config
 from jaxgrpo.train import loop
@@ -45,22 +46,26 @@ def _assert_same_metrics(rows, ref):
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
+def nano():
+    """The nano model of tests/train/conftest.py for every run in this module."""
     from jaxgrpo.model import config as model_config
     from tests.train.conftest import NANO
 
+    mp = pytest.MonkeyPatch()
     orig = model_config.ModelConfig.tiny.__func__
     mp.setattr(model_config.ModelConfig, "tiny",
                classmethod(lambda cls, vocab_size, **kw: orig(cls, vocab_size, **{**NANO, **kw})))
-    try:
-        yield _run(tmp_path_factory.mktemp("one"))
-    finally:
-        mp.undo()
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def one_device(nano, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("one"))
 
 
 @pytest.mark.slow
-def test_loop_on_eight_devices_matches_one_device(nano_model, tmp_path, one_device):
+def test_loop_on_eight_devices_matches_one_device(nano, tmp_path, one_device):
     ref_out, ref_rows = one_device
     # (2, 2, 2): batch rows over data*fsdp, weights over fsdp and tensor, rollouts resharded
     # to the rollout layout (weights gathered over fsdp).
@@ -69,7 +74,7 @@ def test_loop_on_eight_devices_matches_one_device(nano_model, tmp_path, one_devi
     _assert_same_metrics(rows, ref_rows)
     emb = out["params"]["embedding"].get_value()
     assert emb.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert emb.sharding.spec == ("tensor", "fsdp")
+    assert emb.sharding.spec == PartitionSpec("tensor", "fsdp")
     for a, b in zip(*(jax_leaves(o["params"]) for o in (out, ref_out)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert out["accuracy_after"] == pytest.approx(ref_out["accuracy_after"], abs=1e-6)
