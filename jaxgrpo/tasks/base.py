@@ -151,21 +151,21 @@ class Task:
     uses_truncation: bool = False
 
     def dataset(self, split: str = "train", seed: int = 0) -> Sequence[dict]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define dataset() (see Task)")
 
     def prompt(self, record: dict) -> str:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define prompt() (see Task)")
 
     def chat(self, record: dict) -> list[dict[str, str]]:
         """The prompt as chat messages (one user turn by default)."""
         return [{"role": "user", "content": self.prompt(record)}]
 
     def gold_completion(self, record: dict) -> str:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define gold_completion() (see Task)")
 
     def verify(self, record: dict, completion: str) -> Score:
         """Scores a completion. May raise; ``score`` turns that into an error score."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define verify() (see Task)")
 
     def warmup(self) -> None:
         """Heavy one-off set-up (imports); the verifier pool calls it outside any time limit."""

@@ -62,11 +62,11 @@ class ProceduralTask(Task):
 
     def make(self, rng: random.Random) -> tuple[str, dict]:
         """One random problem: ``(canonical key, record)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define make() (see ProceduralTask)")
 
     def check(self, record: dict, answer: str) -> tuple[bool, bool]:
         """``(correct, format_ok)`` for the extracted answer."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define check() (see ProceduralTask)")
 
     def dataset(self, split: str = "train", seed: int = 0) -> Sequence[dict]:
         check_split(split)

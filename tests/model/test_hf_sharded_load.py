@@ -13,13 +13,19 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.hf, pytest.mark.multidevice]
 
 
-def test_load_into_mesh_shardings(tmp_path):
+RULES = {"embed": "fsdp", "vocab": None, "heads": "tensor", "mlp": "tensor"}
+
+
+def _mesh_and_checkpoint(tmp_path):
     if len(jax.devices()) < 8:
         pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
     build_tiny_hf(tmp_path, "qwen2", tie_word_embeddings=False)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"),
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"),
                 axis_types=(AxisType.Auto, AxisType.Auto))
-    rules = {"embed": "fsdp", "vocab": None, "heads": "tensor", "mlp": "tensor"}
+
+
+def test_load_into_mesh_shardings(tmp_path):
+    mesh, rules = _mesh_and_checkpoint(tmp_path), RULES
     model = load_hf(tmp_path, mesh=mesh, rules=rules)
     qkv = model.layers[0].qkv_weight[...]
     assert qkv.sharding.spec == PartitionSpec("fsdp", "tensor", None)
@@ -37,12 +43,7 @@ def test_load_into_mesh_shardings(tmp_path):
 def test_load_inside_a_mesh_context(tmp_path):
     """`jaxgrpo train` loads HF weights with its mesh set: the logical names must not be read as
     mesh axes while the model is traced abstractly."""
-    if len(jax.devices()) < 8:
-        pytest.skip("needs the 8 simulated CPU devices of tests/conftest.py")
-    build_tiny_hf(tmp_path, "qwen2", tie_word_embeddings=False)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"),
-                axis_types=(AxisType.Auto, AxisType.Auto))
-    rules = {"embed": "fsdp", "vocab": None, "heads": "tensor", "mlp": "tensor"}
+    mesh = _mesh_and_checkpoint(tmp_path)
     with jax.set_mesh(mesh):
-        model = load_hf(tmp_path, mesh=mesh, rules=rules)
+        model = load_hf(tmp_path, mesh=mesh, rules=RULES)
     assert model.embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
