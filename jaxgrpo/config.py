@@ -232,6 +232,9 @@ class RolloutConfig:
     prompt_buckets: tuple[int, ...] = (64, 128, 256)  # padded prompt lengths, ascending
     eval_samples: int = 8  # k completions per eval prompt (mean@k)
     eval_temperature: float = 1.0
+    # Prompts per sampler call (null: a whole round at once). A round of more prompts is rolled
+    # out in several calls, which bounds the KV cache (decode memory) at the cost of more calls.
+    max_prompts_per_call: int | None = None
 
     def __post_init__(self):
         _positive("rollout.group_size", self.group_size)
@@ -244,6 +247,8 @@ class RolloutConfig:
               "rollout.prompt_buckets", "a non-empty ascending list of positive ints", list(b))
         _positive("rollout.eval_samples", self.eval_samples)
         _nonneg("rollout.eval_temperature", self.eval_temperature)
+        if self.max_prompts_per_call is not None:
+            _positive("rollout.max_prompts_per_call", self.max_prompts_per_call)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -663,6 +668,10 @@ def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
                 f"each minibatch ('tasks.prompts_per_step' {p} / 'loss.minibatches' {mb})")
             raise ConfigError(f"{what} must be divisible by the data-parallel size "
                               f"mesh.data*mesh.fsdp = {dp}")
+        mp = cfg.rollout.max_prompts_per_call
+        if mp is not None and mp % dp:
+            raise ConfigError(f"'rollout.max_prompts_per_call' ({mp}) must be a multiple of the "
+                              f"data-parallel size mesh.data*mesh.fsdp = {dp}")
     return cfg
 
 

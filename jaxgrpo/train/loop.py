@@ -255,6 +255,7 @@ def evaluate(policy: Policy, params, tasks, eval_sets, cfg: ExperimentConfig, ke
             items, tasks=tasks, task_index={name: 0}, tokenizer=policy.tokenizer,
             generate=lambda t, m, k: gen(params, t, m, k), key=jax.random.fold_in(key, i),
             prompt_buckets=rc.prompt_buckets, pad_id=policy.pad_id, score_fn=score_many,
+            max_prompts=rc.max_prompts_per_call,
         )
         out[name] = float(groups.correct.mean())
     return out
@@ -469,6 +470,9 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         top_k=rc.top_k, top_p=rc.top_p, buckets=rc.prompt_buckets, local=True,
     )
     start_step = last_saved = int(state.step)
+    # Each host rolls out its own block of a round: its share of the prompts per sampler call.
+    local_max_prompts = (None if rc.max_prompts_per_call is None
+                         else rc.max_prompts_per_call // jax.process_count())
     ent_ctl = (
         blocks_lib.EntropyController(
             target=lc.target_entropy, delta=lc.entropy_delta, max_coef=lc.entropy_coef_max
@@ -494,7 +498,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
                 generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
                 key=jax.random.fold_in(_key, len(_rounds)), prompt_buckets=rc.prompt_buckets,
                 pad_id=pad_id, score_fn=score_many, with_blocks=blockwise,
-                eos_ids=policy.eos_ids,
+                eos_ids=policy.eos_ids, max_prompts=local_max_prompts,
             )
             g = _gather_groups(g, items, pad)
             _apply_overlong(g, cfg)

@@ -86,6 +86,7 @@ def collect(
     score_fn: Callable,
     with_blocks: bool = False,
     eos_ids: Sequence[int] = (),
+    max_prompts: int | None = None,
 ) -> Groups:
     """Rolls out ``items`` (task-sampler items with ``.task`` and ``.record``) and scores them.
 
@@ -94,10 +95,11 @@ def collect(
     returns one score per completion (``reward``, ``correct``, ``error``, ``blocks``).
     ``with_blocks`` maps the structured parser's blocks onto the sampled tokens (BAE; every task
     must then be a structured task); otherwise ``block_ids`` is all -1.
+    ``max_prompts`` rolls the prompts out ``max_prompts`` at a time (see :func:`generate_chunked`).
     """
     texts = [tasks[it.task].prompt(it.record) for it in items]
     ptoks, pmask = hostio.encode_prompts(tokenizer, texts, prompt_buckets, pad_id)
-    out = jax.device_get(generate(ptoks, pmask, key))
+    out = generate_chunked(generate, ptoks, pmask, key, max_prompts)
     tokens, cmask = np.asarray(out.tokens), np.asarray(out.mask).astype(bool)
     p, g, _ = tokens.shape
     flat_texts = hostio.decode_completions(
@@ -154,6 +156,26 @@ def collect(
         blocks=blocks,
         block_ids=block_ids,
     )
+
+
+def generate_chunked(generate: Callable, prompt_tokens, prompt_mask, key: jax.Array,
+                     max_prompts: int | None):
+    """``generate`` over the prompts in consecutive chunks of at most ``max_prompts`` rows.
+
+    Bounds the sampler's KV cache (it holds ``chunk * G`` rows instead of ``P * G``). Chunk ``c``
+    samples with ``fold_in(key, c)``; with one chunk (``max_prompts`` None or >= P) this is
+    exactly ``generate(prompt_tokens, prompt_mask, key)``. Returns the host (NumPy) rollout with
+    its ``[P, ...]`` fields concatenated in prompt order.
+    """
+    p = prompt_tokens.shape[0]
+    if max_prompts is None or max_prompts >= p:
+        return jax.device_get(generate(prompt_tokens, prompt_mask, key))
+    if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
+        raise ValueError(f"max_prompts must be a positive int or None, got {max_prompts!r}")
+    parts = [jax.device_get(generate(prompt_tokens[s:s + max_prompts],
+                                     prompt_mask[s:s + max_prompts], jax.random.fold_in(key, c)))
+             for c, s in enumerate(range(0, p, max_prompts))]
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
 
 
 def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, factor: float = 1.0):
