@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from jaxgrpo import paths
 
 __all__ = ["Checkpointer", "rng_from_json", "rng_to_json"]
 
@@ -79,7 +80,9 @@ class Checkpointer:
     """Keep-N, atomic, optionally asynchronous checkpoints of ``state`` and JSON ``meta``.
 
     Args:
-      directory: where step directories live.
+      directory: where step directories live: a local path or a URI kept as it is
+        (``gs://bucket/run/checkpoints``; every process of a multi-host run writes its shards
+        there, so it must be storage all of them see).
       keep: how many committed checkpoints to keep (oldest deleted first).
       asynchronous: write in a background thread (``save`` returns after the device->host
         copy); ``wait()`` blocks until the last save is committed.
@@ -94,9 +97,9 @@ class Checkpointer:
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         raw = os.fspath(directory)
-        # Local paths are made absolute; URLs (gs://...) are passed to orbax as they are.
-        self.directory = raw if "://" in raw else os.path.abspath(raw)
-        self._path = epath.Path(self.directory)
+        # Local paths are made absolute; URIs (gs://...) are passed to orbax as they are.
+        self.directory = raw if paths.is_uri(raw) else os.path.abspath(raw)
+        self._path = paths.as_path(self.directory)
         if not self._path.is_dir():
             if not create:
                 raise FileNotFoundError(f"checkpoint directory '{self.directory}' does not "

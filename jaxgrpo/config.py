@@ -7,7 +7,8 @@
 2. Each dataclass validates its own fields in ``__post_init__``; ``ExperimentConfig`` checks the
    cross-subsystem rules (G > 1 for group-relative estimators, minibatches dividing P, ...).
 3. ``validate(cfg, num_devices=..., check_paths=...)`` adds what needs the machine: the model
-   directory exists, and the global batch divides over the data-parallel mesh axes.
+   directory exists, the run's output paths are local or of a known URI scheme, and the global
+   batch divides over the data-parallel mesh axes.
 
 The **global batch** is ``P = tasks.prompts_per_step`` prompts; each prompt's G completions stay
 together on one device (the group axis is never sharded, so group statistics need no
@@ -544,7 +545,7 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str | None = None  # default: <train.workdir>/checkpoints
+    dir: str | None = None  # default: <train.workdir>/checkpoints; local or gs://...
     every: int = 100  # steps; 0: only at the end
     keep: int = 3
     asynchronous: bool = True
@@ -556,7 +557,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    dir: str | None = None  # default: <train.workdir>/logs
+    dir: str | None = None  # TensorBoard event files; default: <train.workdir>/tensorboard
     every: int = 1
     jsonl: bool = True
     tensorboard: bool = False
@@ -571,7 +572,7 @@ class TrainConfig:
     steps: int = 200
     seed: int = 0
     eval_every: int = 50  # 0: no periodic eval
-    workdir: str = "runs/demo"
+    workdir: str = "runs/demo"  # local or a URI (gs://bucket/run)
     max_nonfinite_steps: int = 3  # consecutive skipped updates before the run stops
 
     def __post_init__(self):
@@ -646,9 +647,33 @@ class ExperimentConfig:
         return s["data"] * s["fsdp"]
 
 
+def _check_output_paths(cfg: ExperimentConfig) -> None:
+    for key, value in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if value is not None and "://" in value:
+            raise ConfigError(f"'{key}' {value!r} is a URI: give a local directory (copy the "
+                              "checkpoint to every worker, or mount the bucket)")
+    for key, value in (("train.workdir", cfg.train.workdir), ("checkpoint.dir", cfg.checkpoint.dir),
+                       ("logging.dir", cfg.logging.dir)):
+        if value is not None and "://" in value:
+            from jaxgrpo import paths
+
+            try:
+                paths.as_path(value)
+            except ValueError as e:
+                raise ConfigError(f"'{key}': {e}") from None
+
+
 def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
              check_paths: bool = True) -> ExperimentConfig:
-    """Machine-dependent checks: model directory, batch vs data-parallel mesh axes."""
+    """Machine-dependent checks: model directory, output paths, batch vs data-parallel axes.
+
+    With ``check_paths``: ``model.path`` / ``model.tokenizer`` must be local directories (the
+    loaders read local files); ``train.workdir``, ``checkpoint.dir`` and ``logging.dir`` may be
+    local or URIs (``gs://bucket/run``) of a scheme ``etils.epath`` knows. Output paths are not
+    checked for existence (the run creates them; for a URI that would need the network).
+    """
+    if check_paths:
+        _check_output_paths(cfg)
     if check_paths and cfg.model.path is not None:
         path = os.path.expanduser(cfg.model.path)
         if not os.path.isdir(path):
@@ -905,12 +930,10 @@ def split_cli_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, list[
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (loadable by ``load_config``), atomically."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write the resolved config as YAML (loadable by ``load_config``): a local file atomically,
+    or a URI (``gs://bucket/run/config.yaml``) as one object (``jaxgrpo.paths.write_text``)."""
+    from jaxgrpo import paths
+
     text = "# Resolved jaxgrpo config (every key explicit).\n" + yaml.safe_dump(
         config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)

@@ -6,6 +6,10 @@
 2. :class:`JsonlWriter` appends one JSON object per line (``step``, ``time``, the metrics);
    :class:`TensorBoardWriter` writes event files (tensorboardX, imported lazily);
    :class:`MultiWriter` fans out; :func:`process_zero_only` makes every other process a no-op.
+   Both writers take a local path or a URI (``gs://bucket/run/metrics.jsonl``, any
+   ``etils.epath`` scheme): for a URI they write to a local staging copy and upload it whole at
+   most every ``sync_every_s`` seconds, on ``flush()`` and on ``close()`` (object stores cannot
+   append to an object).
 3. :class:`NonFiniteGuard` decides, per step, whether the update was good, skipped (NaN/Inf in
    the loss or gradient: the device-side step must already have left the state unchanged) or
    whether the run must stop (:class:`NonFiniteError` after ``max_consecutive`` in a row).
@@ -21,12 +25,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TextIO, runtime_checkable
 
 import numpy as np
+
+from jaxgrpo import paths
 
 __all__ = [
     "JsonlWriter", "MetricWriter", "MultiWriter", "NonFiniteError", "NonFiniteGuard",
@@ -79,6 +87,28 @@ class NullWriter:
         pass
 
 
+class _Staged:
+    """A local staging directory mirrored to a URI directory (whole files, overwritten)."""
+
+    def __init__(self, remote_dir: str, sync_every_s: float):
+        if sync_every_s < 0:
+            raise ValueError(f"sync_every_s must be >= 0, got {sync_every_s!r}")
+        self.remote_dir = remote_dir
+        self.local_dir = tempfile.mkdtemp(prefix="jaxgrpo-logs-")
+        self.sync_every_s = sync_every_s
+        self._last_sync = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_sync >= self.sync_every_s
+
+    def sync(self) -> None:
+        paths.upload_tree(self.local_dir, self.remote_dir)
+        self._last_sync = time.monotonic()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
 class JsonlWriter:
     """One JSON object per line: ``{"step": s, "time": unix seconds, "<key>": value, ...}``.
 
@@ -86,30 +116,56 @@ class JsonlWriter:
     :func:`read_jsonl` (Python's ``json``) reads back. Hyper-parameters go to ``hparams.json``
     next to the file.
 
+    A URI ``path`` (``gs://bucket/run/metrics.jsonl``) is staged: an existing file is first
+    downloaded, lines are appended to the local copy, and the whole file is uploaded to ``path``
+    at most every ``sync_every_s`` seconds (checked at each write), on :meth:`flush` and on
+    :meth:`close`; ``hparams.json`` is written to the URI directly.
+
     Args:
-      path: the ``.jsonl`` file; its directory is created.
+      path: the ``.jsonl`` file (local or URI); its directory is created.
       resume_step: when resuming from a checkpoint at this step, lines of later steps (written
         after that checkpoint by the interrupted run) are dropped so the log has no duplicates.
+      sync_every_s: for a URI ``path``, the most seconds between uploads while writing.
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None,
+                 sync_every_s: float = 30.0):
         self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
-            tmp = self.path + ".tmp"
+        self._staged = None
+        local = self.path
+        if paths.is_uri(self.path):
+            remote = paths.as_path(self.path)
+            self._staged = _Staged(os.fspath(remote.parent), sync_every_s)
+            local = os.path.join(self._staged.local_dir, remote.name)
+            if remote.exists():
+                with open(local, "wb") as f:
+                    f.write(remote.read_bytes())
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(local):
+            kept = [r for r in read_jsonl(local) if r.get("step", -1) <= resume_step]
+            tmp = local + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
-        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            os.replace(tmp, local)
+        self._local = local
+        self._file: TextIO | None = open(local, "a", encoding="utf-8")  # noqa: SIM115
+        if self._staged is not None:
+            self._staged.sync()  # creates the remote file (and drops resumed-over lines there)
 
     def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if self._file is None:
             raise ValueError(f"JsonlWriter for '{self.path}' is closed")
         record = {"step": int(step), "time": time.time(), **to_scalars(metrics)}
         self._file.write(json.dumps(record) + "\n")
+        if self._staged is not None and self._staged.due():
+            self.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        if self._staged is not None:
+            paths.write_text(paths.as_path(self._staged.remote_dir) / "hparams.json",
+                             json.dumps(dict(hparams), indent=1, default=str))
+            return
         out = os.path.join(os.path.dirname(os.path.abspath(self.path)), "hparams.json")
         with open(out, "w", encoding="utf-8") as f:
             json.dump(dict(hparams), f, indent=1, default=str)
@@ -117,35 +173,70 @@ class JsonlWriter:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+            if self._staged is not None:
+                self._staged.sync()
 
     def close(self) -> None:
         if self._file is not None:
+            self.flush()
             self._file.close()
             self._file = None
+            if self._staged is not None:
+                self._staged.remove()
 
 
 class TensorBoardWriter:
-    """TensorBoard event files via tensorboardX (imported when the writer is created)."""
+    """TensorBoard event files via tensorboardX (imported when the writer is created).
 
-    def __init__(self, logdir: str | os.PathLike):
+    A URI ``logdir`` (``gs://bucket/run/tensorboard``, any ``etils.epath`` scheme) is staged:
+    tensorboardX writes its event file to a local directory, which is uploaded whole to
+    ``logdir`` at most every ``sync_every_s`` seconds (checked at each write), on :meth:`flush`
+    and on :meth:`close`. tensorboardX writes events from a background queue, so an upload holds
+    what it has written by then; the rest goes with the next one, and :meth:`close` uploads
+    everything. (tensorboardX's own remote writers cover only ``gs://`` and ``s3://``, each
+    through its cloud SDK; staging covers every scheme ``etils.epath`` does.)
+
+    Args:
+      logdir: the event-file directory (local or URI).
+      sync_every_s: for a URI ``logdir``, the most seconds between uploads while writing.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, sync_every_s: float = 30.0):
         from tensorboardX import SummaryWriter
 
         self.logdir = os.fspath(logdir)
-        self._writer = SummaryWriter(self.logdir)
+        self._staged = None
+        if paths.is_uri(self.logdir):
+            paths.as_path(self.logdir)  # an unknown scheme fails here
+            self._staged = _Staged(self.logdir, sync_every_s)
+        self._writer = SummaryWriter(self.logdir if self._staged is None
+                                     else self._staged.local_dir)
+
+    def _maybe_sync(self) -> None:
+        if self._staged is not None and self._staged.due():
+            self.flush()
 
     def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         for k, v in to_scalars(metrics).items():
             self._writer.add_scalar(k, v, global_step=int(step))
+        self._maybe_sync()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         lines = [f"| {k} | {v} |" for k, v in hparams.items()]
         self._writer.add_text("hparams", "\n".join(["| key | value |", "|---|---|", *lines]))
+        self._maybe_sync()
 
     def flush(self) -> None:
         self._writer.flush()
+        if self._staged is not None:
+            self._staged.sync()
 
     def close(self) -> None:
         self._writer.close()
+        if self._staged is not None:
+            self._staged.sync()
+            self._staged.remove()
+            self._staged = None
 
 
 class MultiWriter:
@@ -186,10 +277,14 @@ def process_zero_only(make_writer, process_index: int | None = None) -> MetricWr
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a JSONL metrics file (for notebooks); a torn last line is ignored."""
+    """All records of a JSONL metrics file, local or URI (for notebooks); a torn last line is
+    ignored."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    if paths.is_uri(path):
+        lines = paths.as_path(path).read_text(encoding="utf-8").splitlines()
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -7,7 +7,7 @@
 #
 # What runs on each worker (all at once, via `gcloud compute tpus tpu-vm ssh --worker=all`):
 #   1. copy of this repository (the current directory, as a tarball) into ~/jaxgrpo;
-#   2. `pip install -e ~/jaxgrpo jax[tpu]` into ~/jaxgrpo-venv (libtpu from its release index);
+#   2. `pip install -e ~/jaxgrpo[gcs] jax[tpu]` into ~/jaxgrpo-venv (libtpu from its release index);
 #   3. `jaxgrpo train CONFIG ...` with the environment below. jax.distributed.initialize()
 #      reads the coordinator, process count and process index from the TPU VM metadata, so no
 #      per-worker flags are needed; process 0 writes logs, every worker writes its checkpoint
@@ -55,7 +55,7 @@ if [[ "$SETUP" == "1" ]]; then
     "${PROJECT_FLAG[@]}" --worker=all
   ssh_all "set -e; mkdir -p ~/jaxgrpo && tar -xzf /tmp/jaxgrpo.tar.gz -C ~/jaxgrpo && \
 python3 -m venv ~/jaxgrpo-venv && ~/jaxgrpo-venv/bin/pip install -q --upgrade pip && \
-~/jaxgrpo-venv/bin/pip install -q -e ~/jaxgrpo \
+~/jaxgrpo-venv/bin/pip install -q -e ~/jaxgrpo'[gcs]' \
 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 fi
 

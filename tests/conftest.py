@@ -16,3 +16,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+from tests.fake_gcs import fake_gcs  # noqa: E402,F401  (the offline gs:// fixture)

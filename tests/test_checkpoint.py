@@ -192,3 +192,27 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     ck.wait()
     assert ck.all_steps() == [1, 2]
     ck.close()
+
+
+def test_round_trip_keep_n_and_reopen_on_a_gs_uri(fake_gcs):
+    """The directory string is handed to orbax as it is: the steps land in the bucket."""
+    from etils import epath
+
+    uri = "gs://bucket/run/checkpoints"
+    with Checkpointer(uri, keep=2) as ck:
+        assert ck.directory == uri
+        for s in (1, 2, 3):
+            ck.save(s, _state(s), {"s": s})
+        ck.wait()
+        assert ck.all_steps() == [2, 3]
+    on_disk = pathlib.Path(fake_gcs) / "bucket" / "run" / "checkpoints"
+    assert sorted(p.name for p in on_disk.iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert (on_disk / "3" / "commit_success.txt").is_file()
+    with Checkpointer(epath.Path(uri), create=False) as ck:
+        assert ck.directory == uri and ck.latest_step() == 3
+        got, meta = ck.restore(abstract_state=_abstract(_state(3)))
+        assert ck.restore_meta(2)["s"] == 2
+    _assert_tree_equal(got, _state(3))
+    assert meta["s"] == 3
+    with pytest.raises(FileNotFoundError, match="gs://bucket/none"):
+        Checkpointer("gs://bucket/none", create=False)

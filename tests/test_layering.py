@@ -18,6 +18,7 @@ HEAVY = ("flax", "optax", "orbax", "grain", "transformers", "torch", "tensorflow
 LAYERS = {
     "jaxgrpo.core": 0,
     "jaxgrpo.config": 0,
+    "jaxgrpo.paths": 0,
     "jaxgrpo.tasks": 1,
     "jaxgrpo.evaluation": 1,
     "jaxgrpo.sharding": 1,

@@ -76,7 +76,9 @@ def _tb_scalars(logdir):
     from tensorboardX.proto import event_pb2
 
     out = []
-    for f in sorted(logdir.glob("events.out.tfevents.*")):
+    files = sorted(logdir.glob("events.out.tfevents.*"))
+    assert files, f"no event file in {logdir}"
+    for f in files:
         data = f.read_bytes()
         i = 0
         while i < len(data):
@@ -248,3 +250,45 @@ def test_throughput_meter():
     assert "perf/mfu" not in M.ThroughputMeter(clock=clock).step(1)
     with pytest.raises(ValueError, match="both"):
         M.ThroughputMeter(flops_per_token=1.0)
+
+
+def test_jsonl_on_a_uri_is_staged_and_uploaded_on_flush_and_close(fake_gcs):
+    import pathlib
+
+    uri = "gs://bucket/run/metrics.jsonl"
+    remote = pathlib.Path(fake_gcs) / "bucket" / "run" / "metrics.jsonl"
+    w = M.JsonlWriter(uri, sync_every_s=1e9)
+    assert w.path == uri and remote.read_text() == ""
+    w.write_hparams({"optim.lr": 1e-6})
+    w.write_scalars(1, {"loss/policy": 0.5})
+    assert remote.read_text() == ""  # not yet due
+    w.flush()
+    assert [r["step"] for r in M.read_jsonl(uri)] == [1]
+    w.write_scalars(2, {"loss/policy": 0.25})
+    w.write_scalars(3, {"loss/policy": 0.125})
+    w.close()
+    assert [r["step"] for r in M.read_jsonl(uri)] == [1, 2, 3]
+    assert json.loads((remote.parent / "hparams.json").read_text())["optim.lr"] == 1e-6
+    # A resumed run at step 2 drops step 3 (written after that checkpoint) and appends.
+    w = M.JsonlWriter(uri, resume_step=2, sync_every_s=0)
+    assert [r["step"] for r in M.read_jsonl(uri)] == [1, 2]
+    w.write_scalars(3, {"loss/policy": 1.0})  # due at once: uploaded by the write
+    assert [(r["step"], r["loss/policy"]) for r in M.read_jsonl(uri)][-1] == (3, 1.0)
+    w.close()
+
+
+def test_tensorboard_on_a_uri_uploads_the_event_file(fake_gcs):
+    import pathlib
+
+    uri = "gs://bucket/run/tb"
+    tb = M.TensorBoardWriter(uri, sync_every_s=1e9)
+    assert tb.logdir == uri
+    tb.write_hparams({"a": 1})
+    tb.write_scalars(7, {"loss/policy": 1.5})
+    remote = pathlib.Path(fake_gcs) / "bucket" / "run" / "tb"
+    assert not remote.exists()  # not yet due
+    tb.flush()  # uploads what tensorboardX has written so far (it writes from a queue)
+    assert len(list(remote.glob("events.out.tfevents.*"))) == 1
+    tb.write_scalars(8, {"loss/policy": 2.5})
+    tb.close()  # everything queued is written, then uploaded
+    assert _tb_scalars(remote) == [("loss/policy", 7, 1.5), ("loss/policy", 8, 2.5)]

@@ -11,6 +11,8 @@ import os
 import pathlib
 import string
 
+from jaxgrpo import paths
+
 DEMO_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII: space, newline, digits, letters, punctuation (no tab/CR/form feeds).
 DEMO_CHARACTERS = " \n" + string.digits + string.ascii_letters + string.punctuation
@@ -40,6 +42,9 @@ def load_tokenizer(path: os.PathLike | str):
 def build_demo_tokenizer(path: os.PathLike | str | None = None):
     """Build the character-level demo tokenizer; save it in HF format under ``path`` if given.
 
+    ``path`` may be a URI (``gs://bucket/run/tokenizer``): ``save_pretrained`` writes a local
+    staging directory that is then copied there (``jaxgrpo.paths.local_dir``).
+
     Token ids: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<unk>``=3, then one id per character of
     ``DEMO_CHARACTERS`` in order. Offsets (``return_offsets_mapping=True``) are character spans.
 
@@ -64,6 +69,6 @@ def build_demo_tokenizer(path: os.PathLike | str | None = None):
         clean_up_tokenization_spaces=False,
     )
     if path is not None:
-        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(path))
+        with paths.local_dir(path) as directory:
+            tok.save_pretrained(str(directory))
     return tok

@@ -7,15 +7,15 @@ completions of each of ``tasks.eval_prompts`` held-out prompts per task.
 
 from __future__ import annotations
 
-import pathlib
-
+from jaxgrpo import paths
 from jaxgrpo.train.cli_common import add_config_arguments, fail, load
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run", default=None,
-                        help="a training run directory: evaluate its latest checkpoint")
+                        help="a training run directory (local or gs://...): evaluate its latest "
+                        "checkpoint")
 
 
 def run(args) -> int:
@@ -32,7 +32,7 @@ def run(args) -> int:
         su = loop.setup(cfg)
         params = su.params
         if args.run:
-            ckdir = pathlib.Path(args.run) / "checkpoints"
+            ckdir = paths.as_path(args.run) / "checkpoints"  # local or gs://...
             if not ckdir.is_dir():
                 return fail(f"{ckdir} does not exist: give the run's train.workdir")
             ck = Checkpointer(ckdir, create=False)

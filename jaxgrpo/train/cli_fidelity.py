@@ -11,8 +11,8 @@ uses ``rollout.temperature``/``top_k``/``top_p``/``max_new_tokens``/``prompt_buc
 from __future__ import annotations
 
 import json
-import pathlib
 
+from jaxgrpo import paths
 from jaxgrpo.train.cli_common import add_config_arguments, fail, load
 
 
@@ -38,6 +38,11 @@ def run(args) -> int:
         if getattr(args, name) < 1 or (name == "num_mc" and args.num_mc < 2):
             flag = {"prompts": "--prompts", "group_size": "--G", "num_mc": "--M"}[name]
             return fail(f"{flag} must be at least {2 if name == 'num_mc' else 1}")
+    if args.out:
+        try:
+            paths.as_path(args.out)  # an unknown scheme fails before the study runs
+        except ValueError as e:
+            return fail(f"--out: {e}")
     cfg = load(args)
     if cfg is None:
         return 2
@@ -68,7 +73,7 @@ def run(args) -> int:
           "against the Monte-Carlo advantage")
     print(text)
     if args.out:
-        out = pathlib.Path(args.out)
+        out = paths.as_path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "task": name, "prompts": len(records), "G": args.group_size, "M": args.num_mc,

@@ -7,16 +7,17 @@ and after.
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
+from jaxgrpo import paths
 from jaxgrpo.train.cli_common import add_config_arguments, fail, load
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--output", default=None,
-                        help="where to write the HF checkpoint (default: <train.workdir>/sft_model)")
+                        help="where to write the HF checkpoint, local or gs://... (default: "
+                        "<train.workdir>/sft_model)")
 
 
 def run(args) -> int:
@@ -30,7 +31,7 @@ def run(args) -> int:
 
     try:
         su = loop.setup(cfg)
-        out = pathlib.Path(args.output) if args.output else su.workdir / "sft_model"
+        out = paths.as_path(args.output) if args.output else su.workdir / "sft_model"
         before = loop.evaluate(su.policy, su.params, su.tasks, su.eval_sets, cfg, su.eval_key)
         params = loop.warm_start(cfg, su, su.params, out)
         after = loop.evaluate(su.policy, params, su.tasks, su.eval_sets, cfg, su.eval_key)

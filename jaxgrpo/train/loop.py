@@ -33,16 +33,17 @@ its part of each checkpoint. One device is a 1-device mesh: the same numbers as 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxgrpo import metrics as metrics_lib
+from jaxgrpo import paths
 from jaxgrpo import sharding as shd
 from jaxgrpo.checkpoint import Checkpointer
 from jaxgrpo.config import (
@@ -279,9 +280,11 @@ def eval_sets(tasks, cfg: ExperimentConfig) -> dict:
 
 @dataclasses.dataclass
 class Setup:
-    """What every sub-command needs: tasks, the policy, its initial params, eval prompts."""
+    """What every sub-command needs: tasks, the policy, its initial params, eval prompts.
 
-    workdir: pathlib.Path
+    ``workdir`` is local or a URI such as ``gs://bucket/run`` (the scheme kept)."""
+
+    workdir: epath.Path
     names: list
     tasks: dict
     ratios: dict
@@ -296,7 +299,7 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
     """With a ``mesh`` the parameters are created in the training layout and rollouts run there
     (resharded to the rollout layout); without one, everything is on the default device."""
     names, tasks, ratios = resolve_tasks(cfg)  # an unknown task fails before anything is written
-    workdir = pathlib.Path(cfg.train.workdir)
+    workdir = paths.as_path(cfg.train.workdir)  # keeps gs:// (pathlib would not)
     workdir.mkdir(parents=True, exist_ok=True)
     quiet = jax.process_index() != 0
     log = lambda msg: None if quiet else print(f"[jaxgrpo] {msg}", file=stream, flush=True)
@@ -318,14 +321,17 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
     return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
 
 
-def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: pathlib.Path | None = None):
-    """SFT on gold completions; saves the result as an HF checkpoint in ``out_dir`` if given."""
+def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: epath.PathLike | None = None):
+    """SFT on gold completions; saves the result as an HF checkpoint in ``out_dir`` if given
+    (a local directory, or a URI: written to a local staging directory, then copied there by
+    ``jaxgrpo.paths.local_dir``)."""
     params = _warm_start(cfg, su.policy, params, su.tasks, su.names, su.ratios, su.workdir, su.log)
     if out_dir is not None:
         from jaxgrpo.model import save_hf
 
-        save_hf(su.policy.parts.merge(params), out_dir)
-        su.policy.tokenizer.save_pretrained(str(out_dir))
+        with paths.local_dir(out_dir) as local:
+            save_hf(su.policy.parts.merge(params), local)
+            su.policy.tokenizer.save_pretrained(str(local))
         su.log(f"SFT model saved (HF format) to {out_dir}")
     return params
 
@@ -391,7 +397,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     parts, params, tokenizer, pad_id = policy.parts, su.params, policy.tokenizer, policy.pad_id
 
     # ---- CHECKPOINTS ---------------------------------------------------------------------
-    ckpt_dir = pathlib.Path(cfg.checkpoint.dir or workdir / "checkpoints")
+    ckpt_dir = paths.as_path(cfg.checkpoint.dir) if cfg.checkpoint.dir else workdir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.asynchronous)
     restoring = resume and ckpt.latest_step() is not None
     if not resume and ckpt.latest_step() is not None:
