@@ -5,11 +5,14 @@ Mesh axes are ``("data", "fsdp", "tensor")``:
 - ``data``: pure data parallelism; parameters are replicated over it.
 - ``fsdp``: data parallelism whose devices also split the parameters (and optimiser state) along
   their ``embed`` dimension; XLA gathers them for each matmul.
-- ``tensor``: splits attention heads, MLP columns and the vocabulary (Megatron style).
+- ``tensor``: splits attention heads, MLP columns and the vocabulary (Megatron style). Query
+  heads (``heads``) and KV heads (``kv_heads``) split contiguously over it, so every query head
+  sits on the shard of its KV group; where ``tensor`` does not divide ``Hkv`` the small k/v
+  projections are replicated instead.
 
-Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``head_dim``, ``mlp``; see
-``jaxgrpo.model.transformer``). A rule table maps each name to a mesh axis (or a tuple of axes,
-or ``None`` = replicated). :data:`TRAIN_RULES` shards the weights over ``fsdp`` and ``tensor``;
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``,
+``mlp``; see ``jaxgrpo.model.transformer``). A rule table maps each name to a mesh axis (or a
+tuple of axes, or ``None`` = replicated). :data:`TRAIN_RULES` shards the weights over ``fsdp`` and ``tensor``;
 :data:`ROLLOUT_RULES` keeps only the ``tensor`` split (weights gathered over ``fsdp``), which is
 the layout for decoding, where every step touches every weight.
 
@@ -65,6 +68,7 @@ TRAIN_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "batch": BATCH_AXES,
@@ -74,6 +78,7 @@ ROLLOUT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": None,
     "heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "batch": BATCH_AXES,
