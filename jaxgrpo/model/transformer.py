@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrpo.model.config import ModelConfig
-from jaxgrpo.sharding import constrain_rows
+from jaxgrpo.sharding import constrain_cached_query, constrain_rows
 
 _NEG = -1e30
 
@@ -109,6 +109,8 @@ class Block(nnx.Module):
             q = q + self.q_bias[...].astype(dt)[None, None]
             kvp = kvp + self.kv_bias[...].astype(dt)[None, None]
         kk, v = kvp[:, :, 0], kvp[:, :, 1]
+        if kv is not None:  # decoding against a cache whose slots may be split over tensor
+            q = constrain_cached_query(q, kv[0].shape)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, dt)
             kk = rms_norm(kk, self.k_norm[...], cfg.rms_norm_eps, dt)
