@@ -5,11 +5,14 @@ Mesh axes are ``("data", "fsdp", "tensor")``:
 - ``data``: pure data parallelism; parameters are replicated over it.
 - ``fsdp``: data parallelism whose devices also split the parameters (and optimiser state) along
   their ``embed`` dimension; XLA gathers them for each matmul.
-- ``tensor``: splits attention heads, MLP columns and the vocabulary (Megatron style).
+- ``tensor``: splits attention heads, MLP columns and the vocabulary (Megatron style). Query
+  heads (``heads``) and KV heads (``kv_heads``) split contiguously over it, so every query head
+  sits on the shard of its KV group; where ``tensor`` does not divide ``Hkv`` the small k/v
+  projections are replicated instead.
 
-Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``head_dim``, ``mlp``; see
-``jaxgrpo.model.transformer``). A rule table maps each name to a mesh axis (or a tuple of axes,
-or ``None`` = replicated). :data:`TRAIN_RULES` shards the weights over ``fsdp`` and ``tensor``;
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``,
+``mlp``; see ``jaxgrpo.model.transformer``). A rule table maps each name to a mesh axis (or a
+tuple of axes, or ``None`` = replicated). :data:`TRAIN_RULES` shards the weights over ``fsdp`` and ``tensor``;
 :data:`ROLLOUT_RULES` keeps only the ``tensor`` split (weights gathered over ``fsdp``), which is
 the layout for decoding, where every step touches every weight.
 
@@ -41,8 +44,11 @@ __all__ = [
     "abstract_like",
     "allgather_rows",
     "batch_sharding",
+    "constrain_cached_query",
+    "constrain_kv_cache",
     "constrain_rows",
     "initialize_distributed",
+    "kv_cache_spec",
     "local_rows",
     "logical_to_spec",
     "make_mesh",
@@ -65,6 +71,7 @@ TRAIN_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "batch": BATCH_AXES,
@@ -74,6 +81,7 @@ ROLLOUT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": None,
     "heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "batch": BATCH_AXES,
@@ -349,6 +357,71 @@ def constrain_rows(x: jax.Array) -> jax.Array:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES,
                                                              *([None] * (np.ndim(x) - 1))))
+
+
+def kv_cache_spec(batch: int, num_kv_heads: int, slots: int, mesh) -> PartitionSpec:
+    """The ``PartitionSpec`` of one layer's KV cache ``[B, Hkv, S, Dh]`` on ``mesh``.
+
+    Rows ``B`` split over ``("data", "fsdp")`` (an axis that does not divide ``B`` is dropped,
+    as in :func:`param_shardings`); the KV-head axis over ``tensor`` when ``tensor`` divides
+    ``Hkv`` (each device keeps the keys of its own query heads), otherwise the slot axis ``S``
+    over ``tensor`` when it divides ``S`` (e.g. 2 KV heads on ``tensor=4``: the cache is not
+    replicated 4 times), otherwise replicated over ``tensor``. ``Dh`` is never split.
+
+    Args:
+        batch, num_kv_heads, slots: ``B``, ``Hkv`` and ``S`` of the cache.
+        mesh: a ``Mesh`` or ``AbstractMesh``; axes it lacks count as size 1.
+    """
+    for name, v in (("batch", batch), ("num_kv_heads", num_kv_heads), ("slots", slots)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"kv_cache_spec: {name} must be a positive int, got {v!r}")
+    size = lambda a: mesh.shape[a] if a in mesh.axis_names else 1  # noqa: E731
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    while rows and batch % math.prod(size(a) for a in rows):
+        rows = rows[:-1]
+    row_entry = None if not rows else rows[0] if len(rows) == 1 else rows
+    t = size("tensor")
+    if t > 1 and num_kv_heads % t == 0:
+        return PartitionSpec(row_entry, "tensor", None, None)
+    if t > 1 and slots % t == 0:
+        return PartitionSpec(row_entry, None, "tensor", None)
+    return PartitionSpec(row_entry, None, None, None)
+
+
+def constrain_kv_cache(cache):
+    """Pins every ``[B, Hkv, S, Dh]`` array of a KV cache (any pytree) to
+    :func:`kv_cache_spec`, under a mesh context (``jax.set_mesh``) with auto axes; otherwise
+    the cache is returned unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t == AxisType.Explicit for t in mesh.axis_types):
+        return cache
+
+    def pin(x):
+        b, hkv, s, _ = np.shape(x)
+        return jax.lax.with_sharding_constraint(x, kv_cache_spec(b, hkv, s, mesh))
+
+    return jax.tree.map(pin, cache)
+
+
+def constrain_cached_query(q: jax.Array, cache_shape: Sequence[int]) -> jax.Array:
+    """Pins decode queries ``[B, T, H, Dh]`` to be replicated over ``tensor`` (rows still split)
+    when the KV cache of shape ``cache_shape`` ``[B, Hkv, S, Dh]`` has its slot axis split over
+    ``tensor`` (:func:`kv_cache_spec`); otherwise, or outside a mesh context with auto axes,
+    ``q`` is returned unchanged.
+
+    With the slots split, each device scores all query heads against its own slots (softmax
+    statistics and the value sum are then reduced over ``tensor``, ``[B, T, H]``-sized), instead
+    of gathering every layer's whole cache at every step to match query heads split over
+    ``tensor``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t == AxisType.Explicit for t in mesh.axis_types):
+        return q
+    b, hkv, s = (int(d) for d in cache_shape[:3])
+    spec = kv_cache_spec(b, hkv, s, mesh)
+    if spec[2] is None or np.shape(q)[0] != b:
+        return q
+    return jax.lax.with_sharding_constraint(q, PartitionSpec(spec[0], None, None, None))
 
 
 def local_rows(x) -> np.ndarray:

@@ -2,10 +2,12 @@
 
 Weights are read straight from ``*.safetensors`` files (single or sharded with an index) by
 parsing the header and memory-mapping each tensor with NumPy (``ml_dtypes`` supplies bfloat16,
-which the safetensors NumPy API cannot read). A declarative table maps HF keys onto the fused
-parameter layout; every tensor's shape is checked against the config before it is used, and
-each finished parameter goes to its target sharding with ``jax.device_put``, one at a time, so the
-full model never sits on one device (nor in host memory beyond one parameter at a time).
+which the safetensors NumPy API cannot read). A declarative table maps HF keys onto the
+parameter layout (``q_weight``, fused ``kv_weight`` and ``gate_up_weight``); every tensor's shape
+is checked against the config before it is used, and each finished parameter is cast to the
+parameter dtype and goes to its target sharding (``jaxgrpo.sharding.param_shardings``, the same
+mapping the trainer uses) with ``jax.device_put``, one at a time, so the full model never sits on
+one device (nor in host memory beyond one parameter at a time).
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ def _read_config_json(directory: pathlib.Path) -> dict:
     return raw
 
 
-def config_from_hf(hf_config, *, dtype="float32") -> ModelConfig:
-    """Map a ``transformers`` Llama/Qwen2/Qwen3 config onto a ``ModelConfig``."""
+def config_from_hf(hf_config, *, dtype="float32", param_dtype=None) -> ModelConfig:
+    """Map a ``transformers`` Llama/Qwen2/Qwen3 config onto a ``ModelConfig`` with compute
+    dtype ``dtype`` and parameter dtype ``param_dtype`` (default: ``dtype``)."""
     mt = hf_config.model_type
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {mt!r} is not supported; supported types are "
@@ -159,7 +162,7 @@ def config_from_hf(hf_config, *, dtype="float32") -> ModelConfig:
         qkv_bias=(mt == "qwen2"),
         qk_norm=(mt == "qwen3"),
         dtype=dname,
-        param_dtype=dname,
+        param_dtype=dname if param_dtype is None else jnp.dtype(param_dtype).name,
         rope_type=rope_type,
         rope_factor=float(rope.get("factor", 1.0)),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
@@ -196,28 +199,33 @@ def key_table(cfg: ModelConfig) -> list[_Entry]:
         table.append(_Entry(("lm_head",), ("lm_head.weight",), ((v, d),),
                             lambda w: w.T, lambda p: (p.T,)))
 
-    def qkv_in(q, kk, vv):  # [out, D] each -> [D, H+2K, Dh]
-        return np.concatenate([q.T.reshape(d, h, dh), kk.T.reshape(d, k, dh),
-                               vv.T.reshape(d, k, dh)], axis=1)
+    def q_in(w):  # [H*Dh, D] -> [D, H, Dh]
+        return w.T.reshape(d, h, dh)
 
-    def qkv_out(p):
-        return (p[:, :h].reshape(d, h * dh).T, p[:, h:h + k].reshape(d, k * dh).T,
-                p[:, h + k:].reshape(d, k * dh).T)
+    def q_out(p):
+        return (p.reshape(d, h * dh).T,)
 
-    def bias_in(q, kk, vv):
-        return np.concatenate([q.reshape(h, dh), kk.reshape(k, dh), vv.reshape(k, dh)], axis=0)
+    def kv_in(kk, vv):  # [Hkv*Dh, D] each -> [D, 2, Hkv, Dh]
+        return np.stack([kk.T.reshape(d, k, dh), vv.T.reshape(d, k, dh)], axis=1)
 
-    def bias_out(p):
-        return p[:h].reshape(-1), p[h:h + k].reshape(-1), p[h + k:].reshape(-1)
+    def kv_out(p):
+        return p[:, 0].reshape(d, k * dh).T, p[:, 1].reshape(d, k * dh).T
+
+    def kv_bias_in(kk, vv):  # [Hkv*Dh] each -> [2, Hkv, Dh]
+        return np.stack([kk.reshape(k, dh), vv.reshape(k, dh)], axis=0)
+
+    def kv_bias_out(p):
+        return p[0].reshape(-1), p[1].reshape(-1)
 
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}."
         at = pre + "self_attn."
         table += [
             _Entry(("layers", i, "attn_norm"), (pre + "input_layernorm.weight",), ((d,),), *same),
-            _Entry(("layers", i, "qkv_weight"),
-                   (at + "q_proj.weight", at + "k_proj.weight", at + "v_proj.weight"),
-                   ((h * dh, d), (k * dh, d), (k * dh, d)), qkv_in, qkv_out),
+            _Entry(("layers", i, "q_weight"), (at + "q_proj.weight",), ((h * dh, d),),
+                   q_in, q_out),
+            _Entry(("layers", i, "kv_weight"), (at + "k_proj.weight", at + "v_proj.weight"),
+                   ((k * dh, d), (k * dh, d)), kv_in, kv_out),
             _Entry(("layers", i, "o_weight"), (at + "o_proj.weight",), ((d, h * dh),),
                    lambda w: w.T.reshape(h, dh, d), lambda p: (p.reshape(h * dh, d).T,)),
             _Entry(("layers", i, "mlp_norm"), (pre + "post_attention_layernorm.weight",),
@@ -229,9 +237,12 @@ def key_table(cfg: ModelConfig) -> list[_Entry]:
                    lambda w: w.T, lambda p: (p.T,)),
         ]
         if cfg.qkv_bias:
-            table.append(_Entry(("layers", i, "qkv_bias"),
-                                (at + "q_proj.bias", at + "k_proj.bias", at + "v_proj.bias"),
-                                ((h * dh,), (k * dh,), (k * dh,)), bias_in, bias_out))
+            table += [
+                _Entry(("layers", i, "q_bias"), (at + "q_proj.bias",), ((h * dh,),),
+                       lambda b: b.reshape(h, dh), lambda p: (p.reshape(-1),)),
+                _Entry(("layers", i, "kv_bias"), (at + "k_proj.bias", at + "v_proj.bias"),
+                       ((k * dh,), (k * dh,)), kv_bias_in, kv_bias_out),
+            ]
         if cfg.qk_norm:
             table += [
                 _Entry(("layers", i, "q_norm"), (at + "q_norm.weight",), ((dh,),), *same),
@@ -240,44 +251,56 @@ def key_table(cfg: ModelConfig) -> list[_Entry]:
     return table
 
 
-def _sharding_for(axes, mesh, rules):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    rules = dict(rules or {})
-    spec = jax.sharding.PartitionSpec(*(rules.get(a) if a is not None else None for a in axes))
-    return jax.sharding.NamedSharding(mesh, spec)
-
-
-def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-            rules: Mapping[str, str | Sequence[str] | None] | None = None) -> Transformer:
+def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, param_dtype=None,
+            mesh: jax.sharding.Mesh | None = None,
+            rules: Mapping[str, str | Sequence[str] | None] | None = None,
+            **config_overrides) -> Transformer:
     """Build a ``Transformer`` from a local HF directory (config.json + safetensors).
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` or sharded
             ``model-*.safetensors`` with ``model.safetensors.index.json``.
-        dtype: parameter and compute dtype (``jnp.float32`` or ``jnp.bfloat16``); checkpoint
-            tensors are cast on the host, one at a time.
-        mesh: optional mesh; each parameter is placed with ``NamedSharding(mesh, spec)`` where
-            ``spec`` maps its logical axis names through ``rules`` (unlisted names replicate).
-            Without a mesh every parameter goes to the first device.
-        rules: logical axis name -> mesh axis (or tuple of axes, or None).
+        dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
+        param_dtype: storage dtype of the parameters (default: ``dtype``); checkpoint tensors
+            are cast to it on the host, one at a time. Optimiser moments built from the
+            parameters (``optax.adam``) inherit it.
+        mesh: optional mesh; each parameter is placed with the sharding
+            ``jaxgrpo.sharding.param_shardings(params, mesh, rules)`` gives (its logical axis
+            names mapped through ``rules``, unlisted names replicated, and a mesh axis dropped
+            from any dimension it does not divide). Without a mesh every parameter goes to the
+            first device.
+        rules: logical axis name -> mesh axis (or tuple of axes, or None); default: every
+            parameter replicated on ``mesh``.
+        **config_overrides: further :class:`ModelConfig` fields (e.g. ``initializer_range``),
+            applied with ``dataclasses.replace`` to the config read from ``config.json``.
 
     Returns:
         The model; ``model(tokens)`` gives logits ``[B, T, V]``.
 
     Raises:
         FileNotFoundError: the directory, ``config.json`` or the weight files are missing.
+        TypeError: a ``config_overrides`` key that is not a ``ModelConfig`` field.
         ValueError: unsupported ``model_type``, a missing weight key, or a tensor whose shape
             does not match the config (the message names the key and the file).
     """
     import transformers
 
+    from jaxgrpo.sharding import param_shardings
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(config_overrides) - fields)
+    if unknown:
+        raise TypeError(f"load_hf: {unknown} are not ModelConfig fields; the fields are "
+                        f"{sorted(fields)}")
     directory = pathlib.Path(path)
     _read_config_json(directory)
     hf_config = transformers.AutoConfig.from_pretrained(str(directory))
-    cfg = config_from_hf(hf_config, dtype=dtype)
+    cfg = config_from_hf(hf_config, dtype=dtype,
+                         param_dtype=dtype if param_dtype is None else param_dtype)
+    if config_overrides:
+        cfg = dataclasses.replace(cfg, **config_overrides)
     refs = _index_weights(directory)
-    target = np.dtype(jnp.dtype(dtype))
+    target = np.dtype(jnp.dtype(cfg.param_dtype))
 
     # Outside any mesh context: under one (as in `jaxgrpo train`), nnx.eval_shape would read
     # the logical axis names as mesh axes.
@@ -285,6 +308,12 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Me
         abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = dict.fromkeys(flat, one)
+    else:
+        shardings = {path: var.get_value() for path, var in
+                     nnx.to_flat_state(param_shardings(state, mesh, dict(rules or {})))}
     for entry in key_table(cfg):
         arrays = []
         for key, shape in zip(entry.hf_keys, entry.hf_shapes, strict=True):
@@ -301,8 +330,7 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Me
         if value.shape != tuple(var.shape):
             raise ValueError(f"parameter {entry.path} built from {entry.hf_keys} has shape "
                              f"{value.shape}, expected {tuple(var.shape)}")
-        axes = var.get_metadata().get("out_sharding") or (None,) * value.ndim
-        var.set_value(jax.device_put(value, _sharding_for(axes, mesh, rules)))
+        var.set_value(jax.device_put(value, shardings[entry.path]))
         del arrays, value
     missing = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if missing:

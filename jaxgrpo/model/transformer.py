@@ -1,10 +1,14 @@
 """Flax NNX decoder for the Llama, Qwen2 and Qwen3 families.
 
-Parameters are stored in a layout that makes each step a few large matmuls: q, k and v are one
-fused projection ``qkv_weight_dnh [D, H + 2*Hkv, Dh]`` (rows ``0..H-1`` are q heads, then k, then
-v) and gate/up are one ``gate_up_weight_dcf [D, 2, F]``. Every parameter carries logical axis names
-in its ``out_sharding`` metadata (``nnx.get_partition_spec`` returns them); the words are
-``"vocab"``, ``"embed"``, ``"heads"`` (fused q/k/v or query heads), ``"head_dim"`` and ``"mlp"``.
+Parameters are stored in a layout that makes each step a few large matmuls: the query projection
+``q_weight [D, H, Dh]``, keys and values fused as ``kv_weight [D, 2, Hkv, Dh]`` (index 0 of the
+second axis is k, 1 is v) and gate/up fused as ``gate_up_weight [D, 2, F]``. Every parameter
+carries logical axis names in its ``out_sharding`` metadata (``nnx.get_partition_spec`` returns
+them); the words are ``"vocab"``, ``"embed"``, ``"heads"`` (query heads), ``"kv_heads"``,
+``"head_dim"`` and ``"mlp"``. Query head ``i`` belongs to KV group ``i // (H / Hkv)``: with
+``"heads"`` and ``"kv_heads"`` split contiguously over the same mesh axis, a shard holding query
+head ``i`` holds KV head ``i // (H / Hkv)`` too (or k/v are replicated when the axis does not
+divide ``Hkv``), so grouped-query attention needs no cross-shard exchange of keys or values.
 
 Attention masks work on cache *slots*: a sequence occupies slots ``0..S-1``; a key slot is
 attended when it holds a real token (``key_valid``) and is not after the query's slot. Positions
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrpo.model.config import ModelConfig
-from jaxgrpo.sharding import constrain_rows
+from jaxgrpo.sharding import constrain_cached_query, constrain_rows
 
 _NEG = -1e30
 
@@ -71,9 +75,13 @@ class Block(nnx.Module):
         d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                           cfg.num_kv_heads, cfg.head_dim)
         self.attn_norm = _param(rngs, (d,), ("embed",), cfg, "ones")
-        self.qkv_weight = _param(rngs, (d, h + 2 * k, dh), ("embed", "heads", "head_dim"), cfg)
-        self.qkv_bias = (_param(rngs, (h + 2 * k, dh), ("heads", "head_dim"), cfg, "zeros")
-                         if cfg.qkv_bias else None)
+        self.q_weight = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), cfg)
+        self.kv_weight = _param(rngs, (d, 2, k, dh), ("embed", None, "kv_heads", "head_dim"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, dh), ("heads", "head_dim"), cfg, "zeros")
+            self.kv_bias = _param(rngs, (2, k, dh), (None, "kv_heads", "head_dim"), cfg, "zeros")
+        else:
+            self.q_bias = self.kv_bias = None
         if cfg.qk_norm:
             self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
             self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, "ones")
@@ -95,10 +103,14 @@ class Block(nnx.Module):
         h, k = cfg.num_heads, cfg.num_kv_heads
         b, t, _ = x_BxTxD.shape
         y = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_norm_eps, dt)
-        qkv = jnp.einsum("btd,dnh->btnh", y, self.qkv_weight[...].astype(dt))
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias[...].astype(dt)[None, None]
-        q, kk, v = qkv[:, :, :h], qkv[:, :, h:h + k], qkv[:, :, h + k:]
+        q = jnp.einsum("btd,dnh->btnh", y, self.q_weight[...].astype(dt))
+        kvp = jnp.einsum("btd,dcnh->btcnh", y, self.kv_weight[...].astype(dt))
+        if self.q_bias is not None:
+            q = q + self.q_bias[...].astype(dt)[None, None]
+            kvp = kvp + self.kv_bias[...].astype(dt)[None, None]
+        kk, v = kvp[:, :, 0], kvp[:, :, 1]
+        if kv is not None:  # decoding against a cache whose slots may be split over tensor
+            q = constrain_cached_query(q, kv[0].shape)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, dt)
             kk = rms_norm(kk, self.k_norm[...], cfg.rms_norm_eps, dt)

@@ -12,6 +12,10 @@ top-k and top-p filters (temperature *included*). With ``temperature=1``, ``top_
 ``top_p=1`` it equals the teacher-forced ``log_softmax(model(seq))`` of the token. In greedy mode
 the temperature and filters are ignored and the log-prob is that of the argmax token under
 ``log_softmax(logits)``.
+
+Sharding: under a mesh context (``jax.set_mesh``) the KV cache of every layer is pinned to
+``jaxgrpo.sharding.kv_cache_spec`` (rows over ``("data", "fsdp")``, KV heads or else cache slots
+over ``tensor``) at prefill and at every decode step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxgrpo.sharding import constrain_kv_cache
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -115,14 +121,16 @@ def _generate_jit(graphdef, state, tokens_PxT, mask_PxT, key, temperature, eos_E
 
     positions_PxT = jnp.maximum(jnp.cumsum(mask_PxT.astype(jnp.int32), axis=1) - 1, 0)
     key_valid_PxS = jnp.concatenate([mask_PxT, jnp.zeros((p, tn), bool)], axis=1)
-    hidden, cache = model.forward_cached(tokens_PxT, positions_PxT, model.init_cache(p, s),
+    hidden, cache = model.forward_cached(tokens_PxT, positions_PxT,
+                                         constrain_kv_cache(model.init_cache(p, s)),
                                          jnp.int32(0), key_valid_PxS)
+    cache = constrain_kv_cache(cache)
     logits_PxV = model.logits(hidden[:, -1])
 
     def rep(x):
         return jnp.repeat(x, g, axis=0)
 
-    cache = jax.tree.map(rep, cache)
+    cache = constrain_kv_cache(jax.tree.map(rep, cache))
     key_valid_NxS = rep(key_valid_PxS)
     prompt_len_N = rep(jnp.sum(mask_PxT.astype(jnp.int32), axis=1))
 
@@ -164,6 +172,7 @@ def _generate_jit(graphdef, state, tokens_PxT, mask_PxT, key, temperature, eos_E
             key_valid_NxS, jnp.ones((n, 1), bool), slot, axis=1)
         hidden, cache = model.forward_cached(prev_N[:, None], (prompt_len_N + i - 1)[:, None],
                                              cache, slot, key_valid_NxS)
+        cache = constrain_kv_cache(cache)
         tok_N, lp_N = sample(model.logits(hidden[:, 0]), jax.random.fold_in(key, i))
         return i + 1, cache, key_valid_NxS, emit(out, tok_N, lp_N, i)
 

@@ -349,6 +349,20 @@ def initial_state(cfg: ExperimentConfig, params, tx=None):
     )
 
 
+def sharded_state(cfg: ExperimentConfig, params, mesh, tx):
+    """``(state, abstract_state, state_shardings)`` of a fresh train state on ``mesh``.
+
+    The state is built by one jitted function whose outputs are already in their
+    ``TRAIN_RULES`` layout. ``abstract_state`` (shapes and dtypes: parameters, optimiser moments
+    and reference parameters all in the parameters' dtype) with ``state_shardings`` is also the
+    target of a checkpoint restore (``shd.abstract_like(abstract_state, state_shardings)``).
+    """
+    make_state = lambda p: initial_state(cfg, p, tx)
+    abstract_state = jax.eval_shape(make_state, params)
+    state_sh = shd.state_shardings(abstract_state, mesh, shd.TRAIN_RULES, tx)
+    return jax.jit(make_state, out_shardings=state_sh)(params), abstract_state, state_sh
+
+
 def run(
     cfg: ExperimentConfig, *, resume: bool = False, stop_after: int | None = None, stream=sys.stderr
 ) -> dict:
@@ -414,12 +428,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         params = warm_start(cfg, su, params, workdir / "sft_model")
 
     # ---- STATE, STEP, SAMPLERS -----------------------------------------------------------
-    # The state is built by one jitted function whose outputs are already in their layout.
     tx = optimizer(cfg)
-    make_state = lambda p: initial_state(cfg, p, tx)
-    abstract_state = jax.eval_shape(make_state, params)
-    state_sh = shd.state_shardings(abstract_state, mesh, shd.TRAIN_RULES, tx)
-    state = jax.jit(make_state, out_shardings=state_sh)(params)
+    state, abstract_state, state_sh = sharded_state(cfg, params, mesh, tx)
     step_cfg = StepConfig(
         epochs=lc.epochs, num_minibatches=lc.minibatches,
         clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,

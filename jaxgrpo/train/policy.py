@@ -17,11 +17,13 @@ def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path, mes
 
     ``preset: tiny`` builds the character-level demo tokenizer (saved under
     ``workdir/tokenizer`` in the HF format) and a randomly initialised tiny decoder; ``path``
-    loads an HF checkpoint directory and its tokenizer (or ``spec.tokenizer``). With a ``mesh``
+    loads an HF checkpoint directory and its tokenizer (or ``spec.tokenizer``). Parameters are
+    stored in ``spec.param_dtype``, computation runs in ``spec.dtype``. With a ``mesh``
     every parameter is created (or loaded) directly in its ``rules`` layout
     (``jaxgrpo.sharding.init_sharded`` / ``load_hf(mesh=, rules=)``).
     """
     dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else jnp.float32
+    param_dtype = jnp.bfloat16 if spec.param_dtype == "bfloat16" else jnp.float32
     if spec.preset in ("tiny", "demo"):
         tokenizer = build_demo_tokenizer(workdir / "tokenizer")
         make = ModelConfig.tiny if spec.preset == "tiny" else ModelConfig.demo
@@ -33,7 +35,7 @@ def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path, mes
         graphdef, params, rest = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)),
                                               mesh, rules)
         return nnx.merge(graphdef, params, rest), tokenizer
-    model = load_hf(spec.path, dtype=dtype, mesh=mesh, rules=rules)
+    model = load_hf(spec.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(spec.tokenizer or spec.path)
     return model, tokenizer
 

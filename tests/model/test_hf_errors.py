@@ -5,6 +5,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxgrpo.model import load_hf
 from jaxgrpo.model.hf import _read_header, write_safetensors
@@ -125,3 +126,14 @@ def test_qwen2_bf16_checkpoint_with_vocab_151936(tmp_path):
     del model, logits
     model32 = load_hf(tmp_path)  # the bf16 weights upcast exactly
     np.testing.assert_allclose(np.asarray(model32(jnp.asarray(tokens))), ref, atol=1e-4, rtol=0)
+
+
+def test_param_dtype_and_config_overrides(saved):
+    model = load_hf(saved, dtype=jnp.bfloat16, param_dtype=jnp.float32, initializer_range=0.5)
+    assert (model.cfg.dtype, model.cfg.param_dtype) == ("bfloat16", "float32")
+    assert model.cfg.initializer_range == 0.5
+    assert {str(v.get_value().dtype) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            } == {"float32"}
+    assert load_hf(saved, dtype=jnp.bfloat16).layers[0].q_weight[...].dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="'num_experts'.*not ModelConfig fields"):
+        load_hf(saved, num_experts=4)

@@ -97,7 +97,8 @@ def test_bfloat16_checkpoint_loads(tmp_path):
     ref = _torch_logits(hf_model.float(), tokens)
     np.testing.assert_allclose(np.asarray(model32(tokens)), ref, atol=1e-4, rtol=0)
     model16 = load_hf(tmp_path, dtype=jnp.bfloat16)
-    assert model16.layers[0].qkv_weight[...].dtype == jnp.bfloat16
+    assert model16.layers[0].q_weight[...].dtype == jnp.bfloat16
+    assert model16.layers[0].kv_weight[...].dtype == jnp.bfloat16
     logits16 = np.asarray(model16(tokens))
     assert logits16.dtype == np.float32
     # bf16 compute: agree with the float32 logits to bf16 precision.

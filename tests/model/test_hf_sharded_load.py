@@ -27,14 +27,16 @@ def _mesh_and_checkpoint(tmp_path):
 def test_load_into_mesh_shardings(tmp_path):
     mesh, rules = _mesh_and_checkpoint(tmp_path), RULES
     model = load_hf(tmp_path, mesh=mesh, rules=rules)
-    qkv = model.layers[0].qkv_weight[...]
-    assert qkv.sharding.spec == PartitionSpec("fsdp", "tensor", None)
-    assert len(qkv.addressable_shards) == 8
-    assert qkv.addressable_shards[0].data.shape == (64 // 2, 8 // 4, 16)
+    q = model.layers[0].q_weight[...]
+    assert q.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8
+    assert q.addressable_shards[0].data.shape == (64 // 2, 4 // 4, 16)
+    # 2 KV heads on tensor=4: k/v fall back to replicated over tensor (RULES has no kv_heads).
+    assert model.layers[0].kv_weight[...].sharding.spec == PartitionSpec("fsdp", None, None, None)
     assert model.layers[1].down_weight[...].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert model.embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
     plain = load_hf(tmp_path)
-    np.testing.assert_array_equal(np.asarray(qkv), np.asarray(plain.layers[0].qkv_weight[...]))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(plain.layers[0].q_weight[...]))
     tokens = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
     got = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))  # runs on the sharded params
     np.testing.assert_allclose(got, np.asarray(plain(tokens)), atol=1e-5, rtol=0)

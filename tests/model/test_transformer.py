@@ -44,10 +44,12 @@ def _np_reference(m, tokens, positions, valid):
     x = P(m.embedding)[tokens]
     for layer in m.layers:
         y = norm(x, P(layer.attn_norm))
-        wqkv = P(layer.qkv_weight)
-        b = P(layer.qkv_bias) if layer.qkv_bias is not None else np.zeros(wqkv.shape[1:])
-        qkv = np.einsum("td,dnh->tnh", y, wqkv) + b[None]
-        q, k, v = qkv[:, :H], qkv[:, H:H + K], qkv[:, H + K:]
+        wq, wkv = P(layer.q_weight), P(layer.kv_weight)
+        bq = P(layer.q_bias) if layer.q_bias is not None else np.zeros(wq.shape[1:])
+        bkv = P(layer.kv_bias) if layer.kv_bias is not None else np.zeros(wkv.shape[1:])
+        q = np.einsum("td,dnh->tnh", y, wq) + bq[None]
+        k = np.einsum("td,dnh->tnh", y, wkv[:, 0]) + bkv[0][None]
+        v = np.einsum("td,dnh->tnh", y, wkv[:, 1]) + bkv[1][None]
         if layer.q_norm is not None:
             q, k = norm(q, P(layer.q_norm)), norm(k, P(layer.k_norm))
         q = np.array([[rope(q[t, h], positions[t]) for h in range(H)] for t in range(T)])
@@ -127,7 +129,7 @@ def test_every_parameter_has_logical_axis_names():
     m = Transformer(ModelConfig.tiny(100, qkv_bias=True, tie_word_embeddings=False),
                     rngs=nnx.Rngs(0))
     specs = nnx.get_partition_spec(nnx.state(m, nnx.Param))
-    words = {"vocab", "embed", "heads", "head_dim", "mlp", None}
+    words = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", None}
     for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
         axes = var.get_metadata()["out_sharding"]
         assert len(axes) == var.get_value().ndim, path

@@ -20,7 +20,8 @@ STEP_CFG = StepConfig(microbatches=2, shuffle=False, logprob_chunk=4)
 
 
 def model_config() -> ModelConfig:
-    # Widths chosen so every sharded dimension divides the test meshes (fused heads 2+2*1=4).
+    # Widths chosen so every sharded dimension divides the test meshes (the one KV head is
+    # replicated over tensor).
     return ModelConfig.tiny(VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
                             num_heads=2, num_kv_heads=1, head_dim=16)
 

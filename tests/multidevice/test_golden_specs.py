@@ -4,7 +4,7 @@ Models are built abstractly (``nnx.eval_shape``: no weights). A change to the mo
 layout or to the rule tables shows up as a diff of ``tests/golden/param_specs.json``; after
 checking the diff, regenerate with
 
-    PYTHONPATH=. /work/.venv/bin/python tests/multidevice/test_golden_specs.py --regenerate
+    PYTHONPATH=. python tests/multidevice/test_golden_specs.py --regenerate
 """
 
 import json

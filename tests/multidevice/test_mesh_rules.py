@@ -81,13 +81,14 @@ def test_rules_with_unknown_mesh_axis_rejected():
 
 
 def test_param_shardings_replicate_dimensions_the_mesh_does_not_divide():
-    # 3 query + 2*1 kv heads = 5 fused heads: a tensor axis of 2 cannot split them.
+    # 3 query heads and 1 kv head: a tensor axis of 2 splits neither.
     cfg = ModelConfig.tiny(64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=3,
                            num_kv_heads=1, head_dim=16)
     _, params = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     mesh = shd.make_mesh((2, 2, 2))
     sh = shd.param_shardings(params, mesh, shd.TRAIN_RULES)
-    assert sh["layers"][0]["qkv_weight"].get_value().spec == PartitionSpec("fsdp", None, None)
+    assert sh["layers"][0]["q_weight"].get_value().spec == PartitionSpec("fsdp", None, None)
+    assert sh["layers"][0]["kv_weight"].get_value().spec == PartitionSpec("fsdp", None, None, None)
     assert sh["layers"][0]["down_weight"].get_value().spec == PartitionSpec("tensor", "fsdp")
 
 
@@ -121,8 +122,11 @@ def test_init_sharded_materialises_params_in_their_layout():
         assert leaf.sharding == sh
         np.testing.assert_allclose(np.asarray(leaf), np.asarray(r), rtol=1e-6, atol=0)
     model = nnx.merge(graphdef, params, rest)
-    assert model.layers[0].qkv_weight.get_value().sharding.spec == PartitionSpec("fsdp", "tensor",
-                                                                                 None)
+    assert model.layers[0].q_weight.get_value().sharding.spec == PartitionSpec("fsdp", "tensor",
+                                                                               None)
+    # One KV head: a tensor axis of 2 cannot split it, so k/v are replicated over tensor.
+    assert model.layers[0].kv_weight.get_value().sharding.spec == PartitionSpec("fsdp", None,
+                                                                                None, None)
 
 
 def test_reshard_train_layout_to_rollout_layout_and_back():
