@@ -10,6 +10,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Deviceless TPU compiles (libtpu only compiles here): pytest-xdist workers load libtpu at once,
+# which its single-process lockfile would otherwise refuse.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Keep thread pools small: pytest-xdist runs two workers on a 2-core machine.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
