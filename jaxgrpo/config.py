@@ -12,7 +12,8 @@
 The **global batch** is ``P = tasks.prompts_per_step`` prompts; each prompt's G completions stay
 together on one device (the group axis is never sharded, so group statistics need no
 collective). Hence P, and each minibatch's ``P / loss.minibatches`` prompts, must be divisible
-by the data-parallel size ``mesh.data * mesh.fsdp``.
+by the data-parallel size ``mesh.data * mesh.fsdp``, and ``loss.micro_batches`` must divide each
+device's ``P * G / (loss.minibatches * mesh.data * mesh.fsdp)`` rows of a minibatch.
 
 Every error is a :class:`ConfigError` (a ``ValueError``) whose message is one line naming the
 dotted key and what to fix; ``format_error`` gives the line the CLI prints. This module never

@@ -147,11 +147,14 @@ def chunked_token_logprobs(
 
     @jax.checkpoint
     def one_chunk(w, b, h_c, t_c):
-        z = jnp.einsum("ncd,dv->ncv", h_c, w, preferred_element_type=jnp.float32)
+        # [N, c, D] -> [N*c, D]: one 2-D matmul per chunk (rows stay whole on their devices).
+        z = jnp.einsum("cd,dv->cv", h_c.reshape(n * c, d), w, preferred_element_type=jnp.float32)
         if b is not None:
-            z = z + b.astype(jnp.float32)[None, None, :]
-        logp_c, entropy_c = _logp_entropy_from_logits(z, t_c, return_entropy)
-        return (logp_c, entropy_c) if return_entropy else logp_c
+            z = z + b.astype(jnp.float32)[None, :]
+        logp_c, entropy_c = _logp_entropy_from_logits(z, t_c.reshape(n * c), return_entropy)
+        if not return_entropy:
+            return logp_c.reshape(n, c)
+        return logp_c.reshape(n, c), entropy_c.reshape(n, c)
 
     out = jax.lax.map(lambda xs: one_chunk(unembedding, bias, *xs), (h, tg))
     unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, num_chunks * c)[:, :t]

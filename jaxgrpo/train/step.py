@@ -167,6 +167,10 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
     :func:`jaxgrpo.sharding.state_shardings`) and ``batch_sharding`` (a TrainBatch of them, or
     one sharding for every field) pin the step's in- and out-shardings; the new state keeps the
     state's layout and the metrics come back replicated. Without them the step follows its inputs.
+
+    ``cfg.row_shards`` (the number of row blocks, see the module docstring) defaults to
+    ``data*fsdp`` of ``batch_sharding``'s mesh (1 without shardings); an explicit value must
+    match it. ``N`` must divide by ``row_shards * num_minibatches * microbatches``.
     """
     logp_fn = token_logprobs_fn(parts, cfg.logprob_chunk)
     if cfg.row_shards is not None and (isinstance(cfg.row_shards, bool)
