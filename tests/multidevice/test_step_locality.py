@@ -6,6 +6,8 @@ the MT-GRPO improvement signal on, on 8 simulated CPU devices and, when libtpu i
 a deviceless ``v5p:2x2x2`` TPU topology.
 """
 
+import contextlib
+import functools
 import os
 import re
 
@@ -44,7 +46,7 @@ def _host_batch():
                               old_logp=np.zeros((P, G, TC)), task_ids=np.arange(P) % 2)
 
 
-def _compile(mesh):
+def _compile(mesh, mesh_context=True):
     """``(compiled train step for mesh, largest parameter size)``; abstract inputs placed by
     jaxgrpo.sharding."""
     model = Transformer(ModelConfig.tiny(C.VOCAB, hidden_size=32, intermediate_size=64,
@@ -57,7 +59,9 @@ def _compile(mesh):
     st_sh = shd.state_shardings(state, mesh, shd.TRAIN_RULES, tx)
     b_sh = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), batch)
     step = make_train_step(parts, tx, CFG, state_sharding=st_sh, batch_sharding=b_sh)
-    with jax.set_mesh(mesh):  # as in the loop: the model pins its activations' rows
+    # The loop compiles under jax.set_mesh, where the model also pins its activations' rows;
+    # without it only the step's own in/out shardings place the rows.
+    with jax.set_mesh(mesh) if mesh_context else contextlib.nullcontext():
         compiled = step.lower(shd.abstract_like(state, st_sh),
                               shd.abstract_like(batch, b_sh)).compile()
     return compiled, max(int(x.size) for x in jax.tree.leaves(params))
@@ -88,27 +92,29 @@ def _activation_gathers(hlo: str, row_shards: int, max_param: int) -> list:
     dimension whose size is a row count beyond one device's share (the batch, a minibatch, a
     micro-batch, k devices' micro-batch rows; also flattened with T or T-1 positions), or a
     result with more elements than the largest parameter (``max_param``: it cannot be a weight
-    gathered over ``fsdp``) and no axis of one device's rows. Gathers of other dimensions (a
-    row-local activation gathered over ``tensor``, a weight over ``fsdp``) are expected."""
+    gathered over ``fsdp``) and no axis of one device's rows; an all-to-all without
+    ``dimensions`` (the tuple form) counts every axis. Gathers of other dimensions (a row-local
+    activation gathered over ``tensor``, a weight over ``fsdp``) are expected."""
     local = N // (row_shards * NUM_MB * MICRO)  # one device's rows of a micro-batch
     own = {local, local * MICRO}  # ... and of a minibatch
     rows = {N // k for k in (1, NUM_MB, MICRO, NUM_MB * MICRO)} | {
         local * k for k in range(2, row_shards * NUM_MB * MICRO + 1)}
     rows |= {r * t for r in rows | {local} for t in (T, T - 1)}
     return [(op, s) for op, s, dims in _gathers(hlo)
-            if any(s[d] in rows for d in dims if d < len(s))
+            if any(s[d] in rows for d in (dims or range(len(s))) if d < len(s))
             or (int(np.prod(s)) > max_param and not own & set(s))]
 
 
-def _one_device_flops(devices):
-    compiled, _ = _compile(shd.make_mesh((1, 1, 1), devices[:1], axis_types="auto"))
+@functools.cache
+def _one_device_flops(device):
+    compiled, _ = _compile(shd.make_mesh((1, 1, 1), [device], axis_types="auto"))
     return compiled.cost_analysis()["flops"]
 
 
-def _check(devices, sizes):
+def _check(devices, sizes, mesh_context=True):
     mesh = shd.make_mesh(sizes, devices, axis_types="auto")
-    compiled, max_param = _compile(mesh)
-    ratio = compiled.cost_analysis()["flops"] * 8 / _one_device_flops(devices)
+    compiled, max_param = _compile(mesh, mesh_context)
+    ratio = compiled.cost_analysis()["flops"] * 8 / _one_device_flops(devices[0])
     hlo = compiled.as_text()
     assert _gathers(hlo) or sizes[1] == 1, "the parser sees no weight all-gather over fsdp"
     bad = _activation_gathers(hlo, sizes[0] * sizes[1], max_param)
@@ -120,6 +126,12 @@ def _check(devices, sizes):
 @pytest.mark.parametrize("sizes", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_step_does_no_replicated_work_cpu(sizes):
     _check(jax.devices(), sizes)
+
+
+def test_pure_data_parallel_step_is_local_by_its_own_shardings():
+    """Without a mesh context (no row constraints inside the model) the step's own layout keeps
+    the rows local: replicated work would show as FLOPs (8 devices, one row block each)."""
+    _check(jax.devices(), (8, 1, 1), mesh_context=False)
 
 
 def test_sharded_step_does_no_replicated_work_tpu_topology(monkeypatch):
