@@ -84,7 +84,7 @@ def measure_time(n: int, t: int, d: int, v: int, chunk_size: int, repeats: int) 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only (CI smoke test)")
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk")
+    parser.add_argument("--chunk-size", type=int, default=None, help="logit rows (sequences x positions) per chunk")
     args = parser.parse_args(argv)
     if args.quick:
         mem = measure_memory(2, 256, 16, 4096, args.chunk_size or 64)

@@ -13,7 +13,8 @@
 The **global batch** is ``P = tasks.prompts_per_step`` prompts; each prompt's G completions stay
 together on one device (the group axis is never sharded, so group statistics need no
 collective). Hence P, and each minibatch's ``P / loss.minibatches`` prompts, must be divisible
-by the data-parallel size ``mesh.data * mesh.fsdp``.
+by the data-parallel size ``mesh.data * mesh.fsdp``, and ``loss.micro_batches`` must divide each
+device's ``P * G / (loss.minibatches * mesh.data * mesh.fsdp)`` rows of a minibatch.
 
 Every error is a :class:`ConfigError` (a ``ValueError``) whose message is one line naming the
 dotted key and what to fix; ``format_error`` gives the line the CLI prints. This module never
@@ -327,6 +328,7 @@ class LossConfig:
     agg: Agg = Agg.TOKEN_MEAN
     epochs: int = 1  # mu: passes over each rollout batch
     minibatches: int = 1  # policy updates per epoch
+    micro_batches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
     entropy_coef: float = 0.0
     adaptive_entropy: bool = False  # Skywork-OR1 controller (BAE §7)
     target_entropy: float = 0.2
@@ -346,6 +348,7 @@ class LossConfig:
             _need(self.dual_clip > 1, "loss.dual_clip", "> 1 (or null: off)", self.dual_clip)
         _positive("loss.epochs", self.epochs)
         _positive("loss.minibatches", self.minibatches)
+        _positive("loss.micro_batches", self.micro_batches)
         if self.estimator == Estimator.BLOCKWISE:
             _need(len(self.block_baselines) > 0, "loss.block_baselines",
                   "a non-empty list (one baseline per block)", [])
@@ -634,6 +637,10 @@ class ExperimentConfig:
         if p % mb:
             raise ConfigError(f"'loss.minibatches' ({mb}) must divide "
                               f"'tasks.prompts_per_step' ({p})")
+        rows, mu = p * g // mb, self.loss.micro_batches
+        if rows % mu:
+            raise ConfigError(f"'loss.micro_batches' ({mu}) must divide the rows of a minibatch "
+                              f"(prompts_per_step*group_size/minibatches = {rows})")
         if self.algo.name == Algo.MT_GRPO and isinstance(self.tasks.mixture, tuple):
             _need(len(self.tasks.mixture) >= 2, "tasks.mixture", "at least 2 tasks for "
                   "mt_grpo", [t.spec for t in self.tasks.mixture])
@@ -697,6 +704,12 @@ def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
         if mp is not None and mp % dp:
             raise ConfigError(f"'rollout.max_prompts_per_call' ({mp}) must be a multiple of the "
                               f"data-parallel size mesh.data*mesh.fsdp = {dp}")
+        mu = cfg.loss.micro_batches
+        rows = p * cfg.rollout.group_size // (mb * dp)  # one device's rows of a minibatch
+        if rows % mu:
+            raise ConfigError(f"'loss.micro_batches' ({mu}) must divide each device's rows of a "
+                              f"minibatch (prompts_per_step*group_size/(minibatches*"
+                              f"mesh.data*mesh.fsdp) = {rows})")
     return cfg
 
 

@@ -160,6 +160,19 @@ def test_batch_must_divide_over_the_data_parallel_axes():
     assert "at most one mesh axis may be -1" in _error("mesh.fsdp=-1")
 
 
+def test_micro_batches_divide_each_devices_minibatch_rows():
+    assert "'loss.micro_batches' must be > 0" in _error("loss.micro_batches=0")
+    assert "'loss.micro_batches' must be an int" in _error("loss.micro_batches=1.5")
+    base = ["tasks.prompts_per_step=16", "rollout.group_size=4", "loss.minibatches=2"]
+    # 16*4/2 = 32 rows per minibatch; over 8 devices 4 rows each.
+    assert load_config(None, base + ["loss.micro_batches=4"], num_devices=8).loss.micro_batches == 4
+    msg = _error(*base, "loss.micro_batches=8", num_devices=8)
+    assert "'loss.micro_batches' (8) must divide each device's rows" in msg and "= 4)" in msg
+    load_config(None, base + ["loss.micro_batches=8"], num_devices=4)  # 8 rows each
+    assert "'loss.micro_batches' (3) must divide the rows of a minibatch" in _error(
+        *base, "loss.micro_batches=3")
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
 def test_group_size_one_with_a_group_relative_estimator(estimator):
     msg = _error("rollout.group_size=1", f"loss.estimator={estimator}")

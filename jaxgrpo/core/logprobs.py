@@ -2,11 +2,14 @@
 
 ``token_logprobs`` takes full logits ``[N, T, V]``. ``chunked_token_logprobs`` takes the final
 hidden states ``[N, T, D]`` and the unembedding ``[D, V]`` and never materialises ``[N, T, V]``:
-the ``N*T`` rows are cut into chunks of ``chunk_size`` rows, a ``lax.map`` (a scan) computes one
-chunk's ``[chunk_size, V]`` logits at a time, and ``jax.checkpoint`` on the per-chunk function
-makes the backward pass recompute each chunk's logits instead of storing them. Peak temporary
-memory is then O(chunk_size * V + D * V) instead of O(N * T * V) (``benchmarks/logprobs_memory.py``
-measures it).
+the position axis ``T`` is cut into chunks of ``c = max(1, chunk_size // N)`` consecutive
+positions, a ``lax.map`` (a scan) computes one chunk's ``[N, c, V]`` logits at a time, and
+``jax.checkpoint`` on the per-chunk function makes the backward pass recompute each chunk's
+logits instead of storing them. Peak temporary memory is then O(max(chunk_size, N) * V + D * V)
+instead of O(N * T * V) (``benchmarks/logprobs_memory.py`` measures it). Every chunk holds whole
+rows' positions ``[N, c]``, never a slice of the rows: when the rows are split over devices
+(data parallelism) each device computes its own rows' share of every chunk, with no
+communication.
 
 Formulas, in float32 whatever the input dtype (bf16 logits are upcast before the reduction)::
 
@@ -84,17 +87,21 @@ def chunked_token_logprobs(
 ):
     """``token_logprobs(hidden @ unembedding + bias, targets)`` without materialising the logits.
 
-    The ``N*T`` rows are zero-padded to a multiple of ``chunk_size`` and processed one chunk at a
-    time under ``jax.checkpoint``, so neither the forward nor the backward pass (w.r.t. ``hidden``,
-    ``unembedding`` and ``bias``) ever holds more than one chunk's ``[chunk_size, V]`` logits and
-    their cotangent. Padded rows are dropped from the output, so they get zero gradient. The
-    matmul accumulates in float32 (``preferred_element_type``) for bf16 weights.
+    The positions are zero-padded to a multiple of ``c = max(1, chunk_size // N)`` and processed
+    ``c`` at a time, for all ``N`` rows together, under ``jax.checkpoint``: neither the forward
+    nor the backward pass (w.r.t. ``hidden``, ``unembedding`` and ``bias``) ever holds more than
+    one chunk's ``[N, c, V]`` logits (``N * c <= max(chunk_size, N)`` rows of ``V``) and their
+    cotangent. Padded positions are dropped from the output, so they get zero gradient. The
+    matmul accumulates in float32 (``preferred_element_type``) for bf16 weights. The row axis is
+    never cut, so a row-sharded ``hidden`` stays local to its devices.
 
     Args:
         hidden: float ``[N, T, D]`` final hidden states.
         unembedding: float ``[D, V]`` output projection (the transposed embedding when tied).
         targets: int ``[N, T]`` token ids in ``[0, V)``.
-        chunk_size: rows per chunk, a Python int >= 1; larger is faster, smaller saves memory.
+        chunk_size: logit rows (sequences x positions) per chunk, a Python int >= 1; a chunk
+            covers ``max(1, chunk_size // N)`` positions of every sequence. Larger is faster,
+            smaller saves memory.
         return_entropy: also return the per-position entropy.
         bias: optional float ``[V]`` output bias.
 
@@ -126,28 +133,31 @@ def chunked_token_logprobs(
         raise ValueError(f"chunk_size must be a Python int >= 1, got {chunk_size!r}")
     targets = _check_targets(targets, (n, t))
 
-    rows = n * t
-    chunk = min(chunk_size, rows) if rows > 0 else 1
-    num_chunks = -(-rows // chunk)
-    pad = num_chunks * chunk - rows
-    h = hidden.reshape(rows, d)
-    tg = targets.reshape(rows).astype(jnp.int32)
+    c = min(max(1, chunk_size // max(n, 1)), max(t, 1))  # positions per chunk
+    num_chunks = -(-t // c)
+    pad = num_chunks * c - t
+    tg = targets.astype(jnp.int32)
+    h = hidden
     if pad:
-        h = jnp.concatenate([h, jnp.zeros((pad, d), h.dtype)], axis=0)
-        tg = jnp.concatenate([tg, jnp.zeros((pad,), tg.dtype)], axis=0)
-    h = h.reshape(num_chunks, chunk, d)
-    tg = tg.reshape(num_chunks, chunk)
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        tg = jnp.pad(tg, ((0, 0), (0, pad)))
+    # [N, K*c, D] -> [K, N, c, D]: the scan runs over position chunks, every chunk all rows.
+    h = jnp.moveaxis(h.reshape(n, num_chunks, c, d), 1, 0)
+    tg = jnp.moveaxis(tg.reshape(n, num_chunks, c), 1, 0)
 
     @jax.checkpoint
     def one_chunk(w, b, h_c, t_c):
-        z = jnp.einsum("cd,dv->cv", h_c, w, preferred_element_type=jnp.float32)
+        # [N, c, D] -> [N*c, D]: one 2-D matmul per chunk (rows stay whole on their devices).
+        z = jnp.einsum("cd,dv->cv", h_c.reshape(n * c, d), w, preferred_element_type=jnp.float32)
         if b is not None:
             z = z + b.astype(jnp.float32)[None, :]
-        logp_c, entropy_c = _logp_entropy_from_logits(z, t_c, return_entropy)
-        return (logp_c, entropy_c) if return_entropy else logp_c
+        logp_c, entropy_c = _logp_entropy_from_logits(z, t_c.reshape(n * c), return_entropy)
+        if not return_entropy:
+            return logp_c.reshape(n, c)
+        return logp_c.reshape(n, c), entropy_c.reshape(n, c)
 
     out = jax.lax.map(lambda xs: one_chunk(unembedding, bias, *xs), (h, tg))
-    unchunk = lambda x: x.reshape(-1)[:rows].reshape(n, t)
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, num_chunks * c)[:, :t]
     if not return_entropy:
         return unchunk(out)
     return unchunk(out[0]), unchunk(out[1])

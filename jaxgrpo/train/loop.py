@@ -15,7 +15,8 @@ One RL step:
 4. **Book-keeping**: MT-GRPO task weights from the step's improvement signal, metrics (fetched
    after the next step is dispatched), periodic per-task evaluation, checkpoints.
 
-Randomness is a pure function of ``(seed, step)`` and every host-side sampler is restored from
+Randomness is a pure function of ``(seed, step)`` (one stream per purpose, all derived in
+``jaxgrpo.train.rng``) and every host-side sampler is restored from
 the checkpoint, so a resumed run continues bit for bit.
 
 Devices and hosts (``cfg.mesh``, ``cfg.distributed``): the parameters are created in the training
@@ -62,6 +63,7 @@ from jaxgrpo.tasks import MIXTURES, get_task, score_many
 from jaxgrpo.tasks.structured import StructuredTask
 from jaxgrpo.train import batch as batch_lib
 from jaxgrpo.train import blocks as blocks_lib
+from jaxgrpo.train import rng as rng_lib
 from jaxgrpo.train import rollouts, sft
 from jaxgrpo.train.mtgrpo import TaskWeightUpdater
 from jaxgrpo.train.optim import make_optimizer
@@ -254,7 +256,7 @@ def evaluate(policy: Policy, params, tasks, eval_sets, cfg: ExperimentConfig, ke
     for i, (name, items) in enumerate(eval_sets.items()):
         groups = rollouts.collect(
             items, tasks=tasks, task_index={name: 0}, tokenizer=policy.tokenizer,
-            generate=lambda t, m, k: gen(params, t, m, k), key=jax.random.fold_in(key, i),
+            generate=lambda t, m, k: gen(params, t, m, k), key=rng_lib.eval_task_key(key, i),
             prompt_buckets=rc.prompt_buckets, pad_id=policy.pad_id, score_fn=score_many,
             max_prompts=rc.max_prompts_per_call,
         )
@@ -317,7 +319,7 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
     policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids,
                     matmul_params=int(model.cfg.matmul_params), mesh=mesh,
                     rollout_shardings=rollout_sh)
-    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**30)
+    eval_key = rng_lib.eval_key(rng_lib.base_key(cfg.train.seed))
     return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
 
 
@@ -405,7 +407,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     lead = jax.process_index() == 0  # the one process that writes logs and files
     if lead:
         save_config(cfg, workdir / "config.yaml")
-    base_key = jax.random.key(cfg.train.seed)
+    base_key = rng_lib.base_key(cfg.train.seed)
     task_index = {n: i for i, n in enumerate(names)}
     rc, lc = cfg.rollout, cfg.loss
     parts, params, tokenizer, pad_id = policy.parts, su.params, policy.tokenizer, policy.pad_id
@@ -431,7 +433,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     tx = optimizer(cfg)
     state, abstract_state, state_sh = sharded_state(cfg, params, mesh, tx)
     step_cfg = StepConfig(
-        epochs=lc.epochs, num_minibatches=lc.minibatches,
+        epochs=lc.epochs, num_minibatches=lc.minibatches, microbatches=lc.micro_batches,
+        row_shards=mesh.shape["data"] * mesh.shape["fsdp"],
         clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
         kl_coef=lc.kl_coef, kl_estimator=str(lc.kl_estimator),
         kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
@@ -500,11 +503,10 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     for step in range(start_step, end_step):
         t0 = time.perf_counter()
-        step_key = jax.random.fold_in(base_key, step)
         rounds: list[rollouts.Groups] = []
         rollout_params = policy.for_rollout(state.params)
 
-        def generate(requests, _params=rollout_params, _key=step_key, _rounds=rounds):
+        def generate(requests, _params=rollout_params, _step=step, _rounds=rounds):
             items = prompts.draw(requests)  # the global batch, the same on every host
             # This host rolls out and verifies its block of the prompts (padded to a multiple
             # of the data-parallel size); every host then holds every group's results.
@@ -512,7 +514,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
             g = rollouts.collect(
                 mine, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
                 generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
-                key=jax.random.fold_in(_key, len(_rounds)), prompt_buckets=rc.prompt_buckets,
+                key=rng_lib.rollout_key(base_key, _step, len(_rounds)),
+                prompt_buckets=rc.prompt_buckets,
                 pad_id=pad_id, score_fn=score_many, with_blocks=blockwise,
                 eos_ids=policy.eos_ids, max_prompts=local_max_prompts,
             )

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxgrpo.train import rng as rng_lib
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,7 @@ class TrainState:
     params: Any  # nnx.State of nnx.Param leaves
     opt_state: Any  # optax state for ``params``
     ref_params: Any  # frozen reference params (KL) or None
-    rng: jax.Array  # uint32 [2] raw PRNG key data: the run's base key
+    rng: jax.Array  # uint32 [2] raw PRNG key data: the run's base key (jaxgrpo.train.rng)
     nonfinite: jax.Array  # int32 [] updates skipped because the loss or gradient was not finite
     entropy_coef: jax.Array  # float32 [] entropy bonus coefficient (adapted on the host for BAE)
 
@@ -57,7 +59,7 @@ def init_train_state(
         params=params,
         opt_state=tx.init(params),
         ref_params=ref,
-        rng=jax.random.key_data(jax.random.key(seed)),
+        rng=jax.random.key_data(rng_lib.base_key(seed)),
         nonfinite=jnp.zeros((), jnp.int32),
         entropy_coef=jnp.asarray(entropy_coef, jnp.float32),
     )

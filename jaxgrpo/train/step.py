@@ -5,12 +5,25 @@ One call consumes one rollout batch (:class:`~jaxgrpo.train.batch.TrainBatch`):
 1. Reference quantities, once, with the parameters at the start of the step: the "old" policy's
    log-probs (recomputed in the trainer's layout unless the sampler's are trusted; the gap between
    the two is logged) and the reference policy's log-probs when KL is on.
-2. ``lax.scan`` over ``epochs * num_minibatches`` minibatches (rows shuffled per epoch by a key
-   derived from the step): gradient of :func:`jaxgrpo.core.losses.policy_loss` accumulated
+2. ``lax.scan`` over ``epochs * num_minibatches`` minibatches (rows shuffled per epoch by the
+   step's shuffle key, :func:`jaxgrpo.train.rng.shuffle_key`): gradient of :func:`jaxgrpo.core.losses.policy_loss` accumulated
    exactly over micro-batches (numerators summed, one shared denominator), then an optax update.
    A non-finite loss or gradient skips that update and is counted.
 3. Optionally, one extra forward pass after each update gives every sequence's clipped surrogate
    after the update; its per-task change is MT-GRPO's improvement signal I_k.
+
+**Rows stay on their devices.** On a mesh the rows ``[N, ...]`` are split over ``data*fsdp`` in
+``D = StepConfig.row_shards`` contiguous blocks. Every split keeps each device on its own rows:
+the shuffle permutes rows within each block only, and a split into ``parts`` (minibatches,
+micro-batches, the old-log-prob forward's chunks) gives part ``i`` the ``i``-th slice of every
+block::
+
+    [N, ...] -> [D, parts, N/(D*parts), ...] -> swap axes 0, 1 -> [parts, N/parts, ...]
+
+so every scan iteration works on ``N/(D*parts)`` rows on each device and no device gathers
+another's. With ``D = 1`` part ``i`` is the ``i``-th contiguous block of rows. The minibatches
+(hence the updates) depend on ``D`` when ``num_minibatches > 1``; micro-batches do not change the
+update (exact accumulation).
 
 Everything model-specific comes through ``ModelParts`` (split NNX model) and the model's
 ``__call__(tokens, mask=..., return_hidden=True)`` and ``unembedding()``.
@@ -19,6 +32,7 @@ Everything model-specific comes through ``ModelParts`` (split NNX model) and the
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +41,8 @@ import optax
 from jaxgrpo.core import losses as core_losses
 from jaxgrpo.core.logprobs import chunked_token_logprobs
 from jaxgrpo.core.masked import masked_mean
+from jaxgrpo.sharding import BATCH_AXES
+from jaxgrpo.train import rng as rng_lib
 from jaxgrpo.train.batch import TrainBatch
 from jaxgrpo.train.state import ModelParts, TrainState
 
@@ -38,8 +54,12 @@ class StepConfig:
     epochs: int = 1  # mu: passes over the rollout batch
     num_minibatches: int = 1  # optimiser updates per epoch
     microbatches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
+    # row blocks of the batch (data*fsdp devices); None: from batch_sharding's mesh, 1 without
+    row_shards: int | None = None
     recompute_old_logp: bool = True  # old log-probs from the trainer, not the sampler
-    logprob_chunk: int = 256  # sequence positions per chunk in chunked_token_logprobs
+    # logit rows (sequences x positions, global) per chunk of chunked_token_logprobs: a chunk
+    # covers max(1, logprob_chunk // rows) positions of every row of a micro-batch
+    logprob_chunk: int = 256
     # policy_loss keyword arguments
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -88,13 +108,52 @@ def _reduce_terms(stacked: dict) -> dict:
     return {k: red.get(k, jnp.sum)(v, axis=0) for k, v in stacked.items()}
 
 
-def _rows(tree, idx):
-    return jax.tree.map(lambda a: a[idx], tree)
+def _split(tree, parts: int, shards: int = 1):
+    """``[N, ...] -> [parts, N/parts, ...]``; part ``i`` holds the ``i``-th slice of each of the
+    ``shards`` contiguous row blocks, in block order (``shards=1``: the ``i``-th block of rows).
+
+    ``[N] -> [shards, parts, N/(shards*parts)] -> [parts, shards, N/(shards*parts)] ->
+    [parts, N/parts]``: with the rows split over ``shards`` devices every part is local.
+    """
+
+    def one(a):
+        r = a.shape[0] // (shards * parts)
+        a = a.reshape((shards, parts, r) + a.shape[1:])
+        return jnp.swapaxes(a, 0, 1).reshape((parts, shards * r) + a.shape[3:])
+
+    return jax.tree.map(one, tree)
 
 
-def _split(tree, parts: int):
-    """[N, ...] -> [parts, N/parts, ...] for every leaf."""
-    return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), tree)
+def _unsplit(tree, shards: int = 1):
+    """The inverse of :func:`_split`: ``[parts, N/parts, ...] -> [N, ...]``."""
+
+    def one(a):
+        parts, m = a.shape[:2]
+        a = a.reshape((parts, shards, m // shards) + a.shape[2:])
+        return jnp.swapaxes(a, 0, 1).reshape((parts * m,) + a.shape[3:])
+
+    return jax.tree.map(one, tree)
+
+
+def _permute_within(tree, perm):
+    """Rows permuted within each of ``S`` contiguous blocks: ``perm`` is int ``[S, N/S]``,
+    row ``j`` of block ``s`` becomes row ``perm[s, j]`` of that block."""
+    s, b = perm.shape
+
+    def one(a):
+        blocks = a.reshape((s, b) + a.shape[1:])
+        return jax.vmap(lambda x, p: x[p])(blocks, perm).reshape(a.shape)
+
+    return jax.tree.map(one, tree)
+
+
+def _mesh_row_shards(batch_sharding) -> int:
+    first = jax.tree.leaves(batch_sharding,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    mesh = getattr(first, "mesh", None)
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: StepConfig, *,
@@ -108,16 +167,28 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
     :func:`jaxgrpo.sharding.state_shardings`) and ``batch_sharding`` (a TrainBatch of them, or
     one sharding for every field) pin the step's in- and out-shardings; the new state keeps the
     state's layout and the metrics come back replicated. Without them the step follows its inputs.
+
+    ``cfg.row_shards`` (the number of row blocks, see the module docstring) defaults to
+    ``data*fsdp`` of ``batch_sharding``'s mesh (1 without shardings); an explicit value must
+    match it. ``N`` must divide by ``row_shards * num_minibatches * microbatches``.
     """
     logp_fn = token_logprobs_fn(parts, cfg.logprob_chunk)
-    per_mb = cfg.epochs * cfg.num_minibatches
+    if cfg.row_shards is not None and (isinstance(cfg.row_shards, bool)
+                                       or not isinstance(cfg.row_shards, int)
+                                       or cfg.row_shards < 1):
+        raise ValueError(f"cfg.row_shards must be a positive int or None, got {cfg.row_shards!r}")
+    mesh_shards = 1 if batch_sharding is None else _mesh_row_shards(batch_sharding)
+    if cfg.row_shards is not None and batch_sharding is not None and cfg.row_shards != mesh_shards:
+        raise ValueError(f"cfg.row_shards={cfg.row_shards} but batch_sharding splits the rows over "
+                         f"data*fsdp={mesh_shards} devices: set row_shards={mesh_shards} (or None)")
+    shards = cfg.row_shards if cfg.row_shards is not None else mesh_shards
 
     def batched_logp(params, batch: TrainBatch):
         # Forward over the whole batch in micro-batch chunks (bounded memory), no gradient.
-        toks = _split(batch.tokens, cfg.microbatches * cfg.num_minibatches)
-        attn = _split(batch.attn_mask, cfg.microbatches * cfg.num_minibatches)
+        chunks = cfg.microbatches * cfg.num_minibatches
+        toks, attn = _split((batch.tokens, batch.attn_mask), chunks, shards)
         lp, _ = jax.lax.map(lambda xs: logp_fn(params, *xs), (toks, attn))
-        return jax.lax.stop_gradient(lp.reshape(batch.loss_mask.shape))
+        return jax.lax.stop_gradient(_unsplit(lp, shards))
 
     def loss_terms(params, mb: TrainBatch, old_logp, ref_logp, den_total, tok_total, ent_coef):
         """Micro-batch share of the minibatch loss: num_i / den_total - c * entropy_sum_i / tokens."""
@@ -163,7 +234,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         den = denominator(mb)
         den = jnp.where(den > 0, den, 1.0)  # an empty minibatch has zero loss and zero gradient
         tok = jnp.maximum(jnp.sum(mb.loss_mask.astype(jnp.float32)), 1.0)
-        micro = _split((mb, old_logp, ref_logp), cfg.microbatches)
+        micro = _split((mb, old_logp, ref_logp), cfg.microbatches, shards)
         grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
 
         def accumulate(acc, m):
@@ -193,25 +264,28 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
 
     def train_step(state: TrainState, batch: TrainBatch):
         n = batch.tokens.shape[0]
-        if n % (cfg.num_minibatches * cfg.microbatches):
+        if n % (shards * cfg.num_minibatches * cfg.microbatches):
             raise ValueError(
-                f"batch rows N={n} must divide by num_minibatches*microbatches="
-                f"{cfg.num_minibatches * cfg.microbatches}"
+                f"batch rows N={n} must divide by row_shards*num_minibatches*microbatches="
+                f"{shards}*{cfg.num_minibatches}*{cfg.microbatches}"
             )
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        base = jax.random.wrap_key_data(state.rng)
         trainer_logp = batched_logp(state.params, batch)
         old_logp = trainer_logp if cfg.recompute_old_logp else batch.old_logp
         gap = masked_mean(jnp.abs(trainer_logp - batch.old_logp), batch.loss_mask)
         if cfg.kl_coef and state.ref_params is None:
             raise ValueError("kl_coef > 0 needs a reference policy: build the state with_ref=True")
         ref_logp = batched_logp(state.ref_params, batch) if cfg.kl_coef else jnp.zeros_like(old_logp)
-        order = []
+        rows = (batch, old_logp, ref_logp)
+        epochs = []
         for e in range(cfg.epochs):
-            perm = jax.random.permutation(jax.random.fold_in(key, e), n) if cfg.shuffle else jnp.arange(n)
-            order.append(perm)
-        order = jnp.concatenate(order)  # [epochs * N]
-        xs = _rows((batch, old_logp, ref_logp), order)
-        xs = _split(xs, per_mb)
+            if cfg.shuffle:  # rows permuted within each device's block only
+                keys = jax.random.split(rng_lib.shuffle_key(base, state.step, e), shards)
+                perm = jax.vmap(lambda k: jax.random.permutation(k, n // shards))(keys)
+                epochs.append(_split(_permute_within(rows, perm), cfg.num_minibatches, shards))
+            else:
+                epochs.append(_split(rows, cfg.num_minibatches, shards))
+        xs = jax.tree.map(lambda *a: jnp.concatenate(a), *epochs)  # [epochs*num_mb, N/num_mb]
         carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32), state.entropy_coef)
         (params, opt_state, skipped, _), outs = jax.lax.scan(minibatch_update, carry, xs)
         metrics = {k: jnp.mean(v) for k, v in outs[0].items()}

@@ -137,3 +137,56 @@ def test_assemble_aligns_targets_with_completion_tokens():
     # target position t predicts tokens[:, t+1]: the first completion token is at column Tp.
     assert lm[:, :2].sum() == 0 and lm[:, 2].all()
     assert tokens.shape == (4, 7) and lm.shape == (4, 6)
+
+
+def test_split_takes_each_parts_slice_of_every_row_block():
+    from jaxgrpo.train.step import _permute_within, _split, _unsplit
+
+    x = np.arange(24).reshape(12, 2)
+    # Reference: part i = [block b's i-th slice for b in blocks], each slice r = 12/(S*parts).
+    for shards, parts in ((1, 3), (2, 3), (3, 2), (4, 3), (1, 1)):
+        r = 12 // (shards * parts)
+        expected = np.stack([
+            np.concatenate([x[b * 12 // shards + i * r: b * 12 // shards + (i + 1) * r]
+                            for b in range(shards)])
+            for i in range(parts)])
+        got = _split(jnp.asarray(x), parts, shards)
+        np.testing.assert_array_equal(np.asarray(got), expected)
+        np.testing.assert_array_equal(np.asarray(_unsplit(got, shards)), x)
+    # One block: today's contiguous minibatches.
+    np.testing.assert_array_equal(np.asarray(_split(jnp.asarray(x), 3)), x.reshape(3, 4, 2))
+    perm = np.array([[2, 0, 1, 3, 5, 4], [5, 4, 3, 2, 1, 0]])
+    got = np.asarray(_permute_within(jnp.asarray(x), jnp.asarray(perm)))
+    expected = np.concatenate([x[:6][perm[0]], x[6:][perm[1]]])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_row_shards_keep_the_update_exact():
+    """Micro-batches made of every row block's slices give the full-batch update (the
+    accumulation is exact whatever the composition); minibatch m of a one-block step without
+    shuffle is the m-th contiguous block of rows."""
+    b = jax.tree.map(jnp.asarray, _batch(seed=4))
+    outs = []
+    for shards in (1, 2, 4):
+        cfg = StepConfig(microbatches=2, row_shards=shards, shuffle=False, logprob_chunk=4)
+        parts, tx, state = _setup(cfg)
+        new_state, _ = make_train_step(parts, tx, cfg)(state, b)
+        outs.append(jax.tree.leaves(new_state.params))
+    for other in outs[1:]:
+        for a, e in zip(other, outs[0], strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+    cfg = StepConfig(num_minibatches=2, num_tasks=8, shuffle=False, logprob_chunk=4)
+    parts, tx, state = _setup(cfg)
+    tb = batch_lib.TrainBatch(**{**b.__dict__, "task_ids": jnp.arange(8)})
+    _, metrics = make_train_step(parts, tx, cfg)(state, tb)
+    moved = np.abs(np.asarray(metrics["task_improvement"])) > 0
+    assert not moved[0, 4:].any() and not moved[1, :4].any() and moved.any()
+
+
+def test_row_shards_must_match_the_mesh_and_divide_the_rows():
+    cfg = StepConfig(microbatches=2, row_shards=3, logprob_chunk=4)
+    parts, tx, state = _setup(cfg)
+    with pytest.raises(ValueError, match="row_shards"):
+        make_train_step(parts, tx, cfg)(state, jax.tree.map(jnp.asarray, _batch()))
+    with pytest.raises(ValueError, match="row_shards"):
+        make_train_step(parts, tx, StepConfig(row_shards=0))
