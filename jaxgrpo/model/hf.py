@@ -249,7 +249,8 @@ def _sharding_for(axes, mesh, rules):
 
 
 def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-            rules: Mapping[str, str | Sequence[str] | None] | None = None) -> Transformer:
+            rules: Mapping[str, str | Sequence[str] | None] | None = None,
+            **config_overrides) -> Transformer:
     """Build a ``Transformer`` from a local HF directory (config.json + safetensors).
 
     Args:
@@ -261,6 +262,8 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Me
             ``spec`` maps its logical axis names through ``rules`` (unlisted names replicate).
             Without a mesh every parameter goes to the first device.
         rules: logical axis name -> mesh axis (or tuple of axes, or None).
+        **config_overrides: ``ModelConfig`` fields replacing those read from ``config.json``
+            (e.g. ``attention="chunked"``, ``remat="block"``).
 
     Returns:
         The model; ``model(tokens)`` gives logits ``[B, T, V]``.
@@ -275,7 +278,7 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, mesh: jax.sharding.Me
     directory = pathlib.Path(path)
     _read_config_json(directory)
     hf_config = transformers.AutoConfig.from_pretrained(str(directory))
-    cfg = config_from_hf(hf_config, dtype=dtype)
+    cfg = dataclasses.replace(config_from_hf(hf_config, dtype=dtype), **config_overrides)
     refs = _index_weights(directory)
     target = np.dtype(jnp.dtype(dtype))
 
