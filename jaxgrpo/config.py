@@ -65,6 +65,23 @@ class DType(enum.StrEnum):
     BFLOAT16 = "bfloat16"
 
 
+class Attention(enum.StrEnum):
+    """Attention of the cache-free forward (``jaxgrpo.model.attention``)."""
+
+    AUTO = "auto"  # splash on TPU where the shapes allow it, else chunked
+    PLAIN = "plain"  # full float32 scores [B, H, T, T]
+    CHUNKED = "chunked"  # flash-style online softmax in JAX, memory linear in T
+    SPLASH = "splash"  # the Pallas TPU kernel
+
+
+class Remat(enum.StrEnum):
+    """Rematerialisation of the decoder blocks in the backward pass."""
+
+    NONE = "none"
+    BLOCK = "block"  # keep each block's input, recompute the block
+    DOTS = "dots"  # keep the weight-matmul outputs, recompute the rest
+
+
 class Estimator(enum.StrEnum):
     GRPO = "grpo"  # (r - mean) / (std + eps) per group
     DR_GRPO = "dr_grpo"  # r - mean, no std (Dr. GRPO)
@@ -208,6 +225,9 @@ class ModelConfigSpec:
     tokenizer: str | None = None  # a local tokenizer directory; default: the model's
     dtype: DType = DType.FLOAT32  # compute dtype
     param_dtype: DType = DType.FLOAT32
+    attention: Attention = Attention.AUTO
+    attention_block: int = 512  # query/key block of chunked and splash attention
+    remat: Remat = Remat.NONE
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
 
     def __post_init__(self):
@@ -220,6 +240,7 @@ class ModelConfigSpec:
         if self.preset is not None:
             _need(self.preset in MODEL_PRESETS, "model.preset", f"one of {MODEL_PRESETS}",
                   self.preset)
+        _positive("model.attention_block", self.attention_block)
 
 
 @dataclasses.dataclass(frozen=True)

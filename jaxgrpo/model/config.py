@@ -5,8 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxgrpo.config import Attention, Remat
+
 DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("default", "linear", "llama3")
+# Attention implementations of the cache-free forward (jaxgrpo.model.attention) and the
+# rematerialisation modes of the decoder blocks; the choices are defined in jaxgrpo.config.
+ATTENTION_IMPLS = tuple(a.value for a in Attention)
+REMAT_MODES = tuple(m.value for m in Remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,16 @@ class ModelConfig:
             the RoPE scaling parameters HF configs carry for "linear" and "llama3".
         max_position_embeddings: recorded for export; not a hard limit here.
         initializer_range: standard deviation of the random normal init.
+        attention: attention of the cache-free forward (training, log-probs): "auto" (splash
+            on TPU where the shapes allow it, else chunked), "plain" (full float32 scores
+            ``[B, H, T, T]``), "chunked" (flash-style, memory linear in T) or "splash" (the
+            Pallas TPU kernel; unsupported shapes fall back to chunked). The cached decode step
+            always uses "plain". See ``jaxgrpo.model.attention``.
+        attention_block: query/key block size of "chunked" and "splash".
+        remat: rematerialisation of the decoder blocks in the backward pass: "none" (keep all
+            activations), "block" (keep each block's input only, recompute the block) or "dots"
+            (keep the outputs of the weight matmuls,
+            ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``, recompute the rest).
     """
 
     vocab_size: int
@@ -59,6 +75,9 @@ class ModelConfig:
     rope_original_max_position: int = 8192
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
+    attention: str = "auto"
+    attention_block: int = 512
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -81,6 +100,17 @@ class ModelConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"ModelConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}"
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}"
+            )
+        b = self.attention_block
+        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+            raise ValueError(f"ModelConfig.attention_block must be a positive int, got {b!r}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(
+                f"ModelConfig.remat must be one of {REMAT_MODES}, got {self.remat!r}"
             )
         if not (self.rope_theta > 0 and self.rms_norm_eps > 0 and self.rope_factor > 0):
             raise ValueError("ModelConfig.rope_theta, rms_norm_eps and rope_factor must be > 0")

@@ -271,7 +271,7 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, param_dtype=None,
             first device.
         rules: logical axis name -> mesh axis (or tuple of axes, or None); default: every
             parameter replicated on ``mesh``.
-        **config_overrides: further :class:`ModelConfig` fields (e.g. ``initializer_range``),
+        **config_overrides: further :class:`ModelConfig` fields (e.g. ``attention="chunked"``, ``remat="block"``),
             applied with ``dataclasses.replace`` to the config read from ``config.json``.
 
     Returns:

@@ -13,6 +13,10 @@ divide ``Hkv``), so grouped-query attention needs no cross-shard exchange of key
 Attention masks work on cache *slots*: a sequence occupies slots ``0..S-1``; a key slot is
 attended when it holds a real token (``key_valid``) and is not after the query's slot. Positions
 (for RoPE) are separate, so left-padded prompts get positions ``0..len-1`` on their real tokens.
+The attention math lives in ``jaxgrpo.model.attention``: the cache-free forward uses
+``ModelConfig.attention`` (memory-efficient by default), the cached decode step the plain
+version. ``ModelConfig.remat`` rematerialises whole blocks (or all but their weight matmuls) in
+the backward pass of the cache-free forward.
 
 Sharding: under a mesh context (``jax.set_mesh``) the activations entering and leaving every
 block are constrained to rows split over ``("data", "fsdp")``
@@ -25,10 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrpo.model.attention import attention
 from jaxgrpo.model.config import ModelConfig
 from jaxgrpo.sharding import constrain_cached_query, constrain_rows
-
-_NEG = -1e30
 
 
 def _dtype(name: str):
@@ -121,31 +124,37 @@ class Block(nnx.Module):
         v = jnp.transpose(v, (0, 2, 1, 3))
         if kv is None:
             k_all, v_all = kk, v
-            q_slot = jnp.arange(t)
         else:
             k_cache, v_cache = kv
             k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, kk.astype(k_cache.dtype),
                                                         write_index, axis=2)
             v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
                                                         write_index, axis=2)
-            q_slot = write_index + jnp.arange(t)
-        s = k_all.shape[2]
-        allowed_BxTxS = key_valid_BxS[:, None, :] & (
-            jnp.arange(s)[None, None, :] <= q_slot[None, :, None])
-        r = h // k
-        q5 = q.reshape(b, t, k, r, cfg.head_dim)
-        scores = jnp.einsum("btkrh,bksh->bkrts", q5, k_all.astype(dt),
-                            preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
-        scores = jnp.where(allowed_BxTxS[:, None, None], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        att = jnp.einsum("bkrts,bksh->btkrh", probs, v_all.astype(dt))
-        att = att.reshape(b, t, h, cfg.head_dim)
+        impl = cfg.attention if kv is None else "plain"  # decode: a few queries vs the cache
+        att = attention(q, k_all, v_all, key_valid_BxS, q_offset=0 if kv is None else write_index,
+                        impl=impl, block_size=cfg.attention_block)
         x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", att, self.o_weight[...].astype(dt))
         y = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps, dt)
         gu = jnp.einsum("btd,dcf->btcf", y, self.gate_up_weight[...].astype(dt))
         act = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
         x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", act, self.down_weight[...].astype(dt))
         return x_BxTxD, (k_all, v_all)
+
+
+def _block_forward(layer: Block, x_BxTxD, positions_BxT, inv_freq, mask_BxT):
+    """One block of the cache-free forward (keys are the call's own tokens)."""
+    return layer(x_BxTxD, positions_BxT, inv_freq, None, 0, mask_BxT)[0]
+
+
+def _remat(fn, mode: str):
+    """``fn`` wrapped for ``ModelConfig.remat``: "none" as is, "block" recomputed whole in the
+    backward pass (only its inputs are kept), "dots" recomputed except the weight matmuls
+    (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``). ``nnx.remat`` leaves the
+    module graph, hence the parameter paths, unchanged."""
+    if mode == "none":
+        return fn
+    policy = None if mode == "block" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nnx.remat(fn, policy=policy)
 
 
 class Transformer(nnx.Module):
@@ -249,8 +258,8 @@ class Transformer(nnx.Module):
         dt = _dtype(self.cfg.dtype)
         x = constrain_rows(self.embedding[...][tokens].astype(dt))
         inv_freq = self._inv_freq()
+        step = _remat(_block_forward, self.cfg.remat)
         for layer in self.layers:
-            x, _ = layer(x, positions, inv_freq, None, 0, mask)
-            x = constrain_rows(x)
+            x = constrain_rows(step(layer, x, positions, inv_freq, mask))
         hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt)
         return hidden if return_hidden else self.logits(hidden)

@@ -1,5 +1,7 @@
 """The NNX decoder against a NumPy loop reference; masks, positions, KV cache, axis names."""
 
+from dataclasses import replace as dataclasses_replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,115 @@ def test_bad_tokens_are_named():
         m(jnp.zeros((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="mask"):
         m(jnp.zeros((1, 4), jnp.int32), mask=jnp.ones((1, 3), bool))
+
+
+def _loss_and_grads(m, tokens, mask):
+    graphdef, params = nnx.split(m)
+
+    def loss(p):
+        h = nnx.merge(graphdef, p)(tokens, mask=mask, return_hidden=True)
+        return jnp.mean(jnp.square(h))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _with(m, **changes):
+    """The same parameters under a config with ``changes`` (attention, remat)."""
+    import dataclasses
+
+    graphdef, state = nnx.split(Transformer(dataclasses.replace(m.cfg, **changes),
+                                            rngs=nnx.Rngs(0)))
+    return nnx.merge(graphdef, nnx.state(m))
+
+
+def test_chunked_attention_model_equals_plain_with_left_padding():
+    m = _perturbed(dataclasses_replace(CFG, attention="plain"), 4)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 53, (2, 11)), jnp.int32)
+    mask = jnp.asarray(np.arange(11)[None] >= np.array([[4], [0]]))
+    chunked = _with(m, attention="chunked", attention_block=4)
+    f = jax.jit(lambda m, t, k: m(t, mask=k))
+    np.testing.assert_allclose(np.asarray(f(chunked, tokens, mask)),
+                               np.asarray(f(m, tokens, mask)), atol=1e-5, rtol=1e-5)
+    (lp, gp), (lc, gc) = _loss_and_grads(m, tokens, mask), _loss_and_grads(chunked, tokens, mask)
+    np.testing.assert_allclose(float(lc), float(lp), rtol=1e-5)
+    for (path, a), (_, c) in zip(nnx.to_flat_state(gp), nnx.to_flat_state(gc), strict=True):
+        np.testing.assert_allclose(np.asarray(c.get_value()), np.asarray(a.get_value()),
+                                   atol=1e-5, rtol=1e-4, err_msg=str(path))
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_gives_equal_loss_and_gradients_and_the_same_paths(remat):
+    m = _perturbed(dataclasses_replace(CFG, attention="chunked", attention_block=4), 5)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 53, (2, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None] >= np.array([[2], [0]]))
+    r = _with(m, remat=remat)
+    paths = lambda x: [p for p, _ in nnx.to_flat_state(nnx.state(x))]  # noqa: E731
+    assert paths(r) == paths(m)
+    (l0, g0), (l1, g1) = _loss_and_grads(m, tokens, mask), _loss_and_grads(r, tokens, mask)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for (path, a), (_, c) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(c.get_value()), np.asarray(a.get_value()),
+                                   atol=1e-6, rtol=1e-5, err_msg=str(path))
+
+
+def _grad_temp_bytes(cfg, rows, t, *, mesh=None, device=None):
+    import contextlib
+
+    from jaxgrpo.sharding import TRAIN_RULES, batch_sharding, param_shardings
+
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rows_sharding = None
+    if mesh is not None:
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              params, param_shardings(params, mesh, TRAIN_RULES))
+        rows_sharding = batch_sharding(mesh, 2)
+    tokens = jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=rows_sharding)
+    mask = jax.ShapeDtypeStruct((rows, t), jnp.bool_, sharding=rows_sharding)
+
+    def loss(p, tok, k):
+        return jnp.mean(jnp.square(nnx.merge(graphdef, p)(tok, mask=k, return_hidden=True)))
+
+    with contextlib.ExitStack() as stack:
+        if mesh is not None:
+            stack.enter_context(jax.set_mesh(mesh))
+            stack.enter_context(jax.default_device(device))
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens, mask).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_model_grad_memory_chunked_linear_plain_quadratic():
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=8, num_kv_heads=2, head_dim=16, attention_block=256)
+    temp = {(a, t): _grad_temp_bytes(dataclasses_replace(cfg, attention=a), 2, t)
+            for a in ("plain", "chunked") for t in (1024, 2048)}
+    assert temp["plain", 2048] / temp["plain", 1024] > 3.5
+    assert temp["chunked", 2048] / temp["chunked", 1024] < 2.1
+    assert temp["plain", 2048] > 10 * temp["chunked", 2048]
+
+
+def test_remat_reduces_multilayer_grad_memory_on_tpu():
+    try:
+        from jax.experimental import topologies
+
+        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2")
+    except Exception as exc:  # libtpu missing or unusable
+        pytest.skip(f"TPU compilation unavailable (libtpu not importable or unusable): {exc}")
+    mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(1, 2, 4), ("data", "fsdp", "tensor"))
+    cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=1024, num_layers=8,
+                      num_heads=4, num_kv_heads=4, head_dim=128, attention="splash",
+                      attention_block=128)
+    none = _grad_temp_bytes(cfg, 8, 512, mesh=mesh, device=topo.devices[0])
+    block = _grad_temp_bytes(dataclasses_replace(cfg, remat="block"), 8, 512, mesh=mesh,
+                             device=topo.devices[0])
+    assert block < 0.6 * none
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(attention="flash"), "attention must be one of"),
+    (dict(attention_block=0), "attention_block must be a positive int"),
+    (dict(remat="full"), "remat must be one of"),
+])
+def test_attention_and_remat_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=4, **kwargs)
