@@ -103,7 +103,6 @@ class Block(nnx.Module):
         """
         cfg = self.cfg
         dt = _dtype(cfg.dtype)
-        h, k = cfg.num_heads, cfg.num_kv_heads
         b, t, _ = x_BxTxD.shape
         y = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_norm_eps, dt)
         q = jnp.einsum("btd,dnh->btnh", y, self.q_weight[...].astype(dt))
