@@ -218,3 +218,46 @@ def test_compile_pod_config_one_layer_for_v5p_2x4x4(tmp_path):
         assert bad and len(errors) == 1 and all(k in errors[0] for k in bad)
     else:
         assert not bad and errors == []
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+
+def test_hf_config_and_compile_section_are_validated(tmp_path):
+    from jaxgrpo.config import ConfigError, load_config
+
+    cfg = load_config(None, [f"model.hf_config={tmp_path / 'config.json'}"], check_paths=False)
+    assert cfg.model.preset is None and cfg.model.hf_config == str(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="'model.hf_config' .* without weights"):
+        load_config(None, [f"model.hf_config={tmp_path / 'config.json'}"])
+    with pytest.raises(ConfigError, match="set only one"):
+        load_config(None, ["model.preset=tiny", "model.hf_config=x.json"], check_paths=False)
+    with pytest.raises(ConfigError, match="'compile.mean_response_tokens' .* must not exceed"):
+        load_config(None, ["compile.mean_response_tokens=11"], check_paths=False)
+    with pytest.raises(ConfigError, match="'compile.rounds_per_step' must be >= 1"):
+        load_config(None, ["compile.rounds_per_step=0.5"], check_paths=False)
+    with pytest.raises(ConfigError, match="'compile.topology' must be a TPU topology"):
+        load_config(None, ["compile.topology=v5p"], check_paths=False)
+    # A config with both: training uses path, compile reads hf_config when path is absent.
+    cfg = load_config(None, ["model.path=/nonexistent/model", "model.hf_config=c.json"],
+                      check_paths=False)
+    assert cfg.model.path == "/nonexistent/model" and cfg.model.hf_config == "c.json"
+
+
+def test_compile_reads_hf_config_when_path_is_absent(tmp_path, monkeypatch):
+    from jaxgrpo.config import load_config
+    from jaxgrpo.train.aot import model_config
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_HF))
+    cfg = load_config(None, [f"model.hf_config={tmp_path / 'config.json'}",
+                             "model.path=/nonexistent/model", "model.dtype=bfloat16"],
+                      check_paths=False)
+    mcfg, source = model_config(cfg)
+    assert source == str(tmp_path / "config.json")
+    assert (mcfg.hidden_size, mcfg.num_layers, mcfg.dtype, mcfg.param_dtype) == (
+        64, 1, "bfloat16", "float32")
+    shipped = load_config(ROOT / "configs/pod_v5p64_llama3p1_8b.yaml", check_paths=False)
+    monkeypatch.chdir(ROOT)  # the shipped hf_config paths are relative to the repository
+    mcfg, _ = model_config(shipped)
+    assert (mcfg.num_layers, mcfg.num_kv_heads, mcfg.rope_type) == (32, 8, "llama3")
+    assert mcfg.num_params == pytest.approx(8.03e9, rel=1e-3)
