@@ -764,7 +764,8 @@ def _flush(pending, writer, guard, progress) -> None:
     scalars = {**host, **metrics_lib.to_scalars(dev)}
     dt = scalars["time/step_s"] = time.perf_counter() - t0
     scalars["perf/tokens_per_s"] = scalars["rollout/tokens"] / dt
-    scalars["perf/mfu"] = scalars.pop("perf/model_flops") / dt / scalars.pop("perf/peak_flops")
+    # perf/peak_flops (the denominator; its source is in the hparams) stays in the log.
+    scalars["perf/mfu"] = scalars.pop("perf/model_flops") / dt / scalars["perf/peak_flops"]
     guard.check(step, scalars)
     scalars.update(guard.metrics())
     writer.write_scalars(step + 1, scalars)
