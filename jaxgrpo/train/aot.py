@@ -539,19 +539,21 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
                 compiled = lowered.compile()
             except Exception as e:  # the TPU compiler refuses programs that exceed HBM
                 oom = _oom_line(e)
-                if oom is None:
-                    raise
-                out[prog.name] = {"note": prog.note, "fits": False, "error": oom,
+                failure = oom or "XLA could not compile it: " + (
+                    " ".join(str(e).split("=== Source Location Trace")[0].split())[:300]
+                    or type(e).__name__)
+                out[prog.name] = {"note": prog.note, "fits": False, "error": failure,
+                                  "out_of_memory": oom is not None,
                                   "compile_s": time.perf_counter() - t0,
                                   **dict.fromkeys(("total_bytes_per_chip", "flops_per_chip",
                                                    "global_flops", "bytes_accessed_per_chip",
                                                    "roofline_s")), "collectives": {}}
-                say(f"{prog.name}: does not fit ({oom})")
+                say(f"{prog.name}: {'does not fit' if oom else 'failed'} ({failure})")
                 continue
             rep = analyse(compiled, devices=len(devices), device_info=info,
                           loop_scale=prog.loop_scale)
             rep.update(note=prog.note, compile_s=time.perf_counter() - t0,
-                       lower_s=t1 - t0)
+                       lower_s=t1 - t0, out_of_memory=not rep["fits"])
             out[prog.name] = rep
             say(f"{prog.name}: compiled in {rep['compile_s']:.1f} s")
     assume = assumptions(cfg)
@@ -611,7 +613,8 @@ def format_report(rep: dict) -> str:
     ]
     for name, p in rep["programs"].items():
         if "error" in p:
-            lines.append(f"{name:<11} does not fit: {p['error']} (compile {p['compile_s']:.0f} s)")
+            what = "does not fit" if p["out_of_memory"] else "did not compile"
+            lines.append(f"{name:<11} {what}: {p['error']} (after {p['compile_s']:.0f} s)")
             continue
         m = p["memory"]
         lines.append(

@@ -64,10 +64,16 @@ def run(args) -> int:
     bad = aot.not_fitting(rep)
     if bad:
         cap = rep["hbm_bytes_per_chip"]
-        what = "; ".join(
-            f"{k} ({rep['programs'][k].get('error') or format(rep['programs'][k]['total_bytes_per_chip'] / 1e9, '.2f') + ' GB'})"
-            for k in bad)
+
+        def why(name):
+            p = rep["programs"][name]
+            if "error" in p:
+                return f"{name} ({p['error']})"
+            return f"{name} ({p['total_bytes_per_chip'] / 1e9:.2f} GB, headroom " \
+                   f"{p['headroom_bytes_per_chip'] / 1e9:.2f} GB)"
+
         print(f"jaxgrpo: error: does not fit in {cap / 1e9:.2f} GB of HBM per chip on "
-              f"{rep['topology']}: {what}", file=sys.stderr)
+              f"{rep['topology']} (or did not compile): {'; '.join(map(why, bad))}",
+              file=sys.stderr)
         return 1
     return 0
