@@ -18,6 +18,9 @@ COMMANDS = {
     "eval": ("jaxgrpo.train.cli_eval", "per-task accuracy of a checkpoint"),
     "tasks": ("jaxgrpo.tasks.cli", "list built-in tasks, or sample records from one"),
     "score": ("jaxgrpo.tasks.cli_score", "score JSONL completions offline with a task's verifier"),
+    "compile": ("jaxgrpo.train.cli_compile",
+                "compile a config's step programs for a TPU topology, on this machine: memory, "
+                "FLOPs, collectives, roofline"),
     "fidelity": ("jaxgrpo.train.cli_fidelity",
                  "BAE fidelity study: each baseline's advantage vs Monte-Carlo advantages"),
 }

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "AlgoConfig", "CheckpointConfig", "ConfigError", "DistributedConfig", "DynamicSamplingConfig",
+    "AlgoConfig", "CheckpointConfig", "CompileConfig", "ConfigError", "DistributedConfig", "DynamicSamplingConfig",
     "ExperimentConfig", "LoggingConfig", "LossConfig", "MeshConfig", "ModelConfigSpec",
     "MTGRPOConfig",
     "OptimConfig", "OverlongConfig", "RolloutConfig", "SFTConfig", "TaskSpec", "TasksConfig",
@@ -218,10 +218,16 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfigSpec:
-    """The policy: ``preset`` (built-in, e.g. ``"tiny"``) or ``path`` (a local HF directory)."""
+    """The policy: ``preset`` (built-in, e.g. ``"tiny"``) or ``path`` (a local HF directory).
+
+    ``hf_config`` is the path of an HF ``config.json`` alone (the architecture, no weights):
+    ``jaxgrpo compile`` reads it when ``path`` is unset or does not exist, so a pod
+    configuration can be compiled without the checkpoint; training needs ``path``.
+    """
 
     preset: str | None = None
     path: str | None = None
+    hf_config: str | None = None  # an HF config.json (architecture only), for `jaxgrpo compile`
     tokenizer: str | None = None  # a local tokenizer directory; default: the model's
     dtype: DType = DType.FLOAT32  # compute dtype
     param_dtype: DType = DType.FLOAT32
@@ -231,6 +237,12 @@ class ModelConfigSpec:
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
 
     def __post_init__(self):
+        if self.preset is not None and self.hf_config is not None:
+            raise ConfigError(
+                "'model.hf_config' describes an HF architecture and 'model.preset' a built-in "
+                f"one: set only one (got preset={self.preset!r}, hf_config={self.hf_config!r})")
+        if self.preset is None and self.path is None and self.hf_config is not None:
+            return  # an architecture alone: enough to compile, refused by training
         if (self.preset is None) == (self.path is None):
             raise ConfigError(
                 "set exactly one of 'model.path' (a local HF checkpoint directory) and "
@@ -606,6 +618,39 @@ class TrainConfig:
         _positive("train.max_nonfinite_steps", self.max_nonfinite_steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Assumptions of ``jaxgrpo compile``'s whole-step estimate (they change no program).
+
+    The compiled programs have the config's static shapes; the estimate of one RL step then
+    needs what only a run knows. Defaults are the worst case the shapes allow.
+
+    Attributes:
+        topology: TPU topology to compile for, e.g. ``"v5p:2x4x4"`` (``--topology`` overrides).
+        mean_prompt_tokens: mean prompt length (default: the largest prompt bucket).
+        mean_response_tokens: mean completion length (default: ``rollout.max_new_tokens``).
+        rounds_per_step: mean sampler rounds per RL step (DAPO / MT-GRPO resample; GRPO: 1).
+        decode_steps_per_round: decode steps of one round; the static sampler runs until its
+            longest row ends (default: ``rollout.max_new_tokens``).
+    """
+
+    topology: str | None = None
+    mean_prompt_tokens: int | None = None
+    mean_response_tokens: int | None = None
+    rounds_per_step: float = 1.0
+    decode_steps_per_round: int | None = None
+
+    def __post_init__(self):
+        if self.topology is not None:
+            _need(isinstance(self.topology, str) and ":" in self.topology, "compile.topology",
+                  "a TPU topology name such as 'v5p:2x4x4'", self.topology)
+        for k in ("mean_prompt_tokens", "mean_response_tokens", "decode_steps_per_round"):
+            v = getattr(self, k)
+            if v is not None:
+                _positive(f"compile.{k}", v)
+        _need(self.rounds_per_step >= 1, "compile.rounds_per_step", ">= 1", self.rounds_per_step)
+
+
 # The built-in demo (measured on a shared 2-core CPU: see configs/demo.yaml). A ~0.4M-parameter
 # model, prompts of at most 24 tokens and completions of at most 10 keep one GRPO step near a
 # second on a CPU; the SFT warm start gives every task a nonzero success rate before RL.
@@ -648,6 +693,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=_demo_checkpoint)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     train: TrainConfig = dataclasses.field(default_factory=_demo_train)
+    compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
 
     def __post_init__(self):
         g = self.rollout.group_size
@@ -665,6 +711,16 @@ class ExperimentConfig:
         if self.algo.name == Algo.MT_GRPO and isinstance(self.tasks.mixture, tuple):
             _need(len(self.tasks.mixture) >= 2, "tasks.mixture", "at least 2 tasks for "
                   "mt_grpo", [t.spec for t in self.tasks.mixture])
+        cc, rc = self.compile, self.rollout
+        for k, top, what in (("mean_prompt_tokens", max(rc.prompt_buckets),
+                              "the largest of 'rollout.prompt_buckets'"),
+                             ("mean_response_tokens", rc.max_new_tokens,
+                              "'rollout.max_new_tokens'"),
+                             ("decode_steps_per_round", rc.max_new_tokens,
+                              "'rollout.max_new_tokens'")):
+            v = getattr(cc, k)
+            if v is not None and v > top:
+                raise ConfigError(f"'compile.{k}' ({v}) must not exceed {what} ({top})")
 
     def data_parallel_size(self, num_devices: int | None = None) -> int | None:
         """``data * fsdp`` (None when an axis is -1 and ``num_devices`` is unknown)."""
@@ -710,6 +766,10 @@ def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"'model.path' {cfg.model.path!r} has no config.json: give a "
                               "local HF checkpoint directory")
+    if check_paths and cfg.model.path is None and cfg.model.hf_config is not None:
+        raise ConfigError(f"'model.hf_config' ({cfg.model.hf_config!r}) is an architecture "
+                          "without weights: set 'model.path' to a local HF checkpoint to run "
+                          "(`jaxgrpo compile` needs only hf_config)")
     if check_paths and cfg.model.tokenizer is not None:
         if not os.path.isdir(os.path.expanduser(cfg.model.tokenizer)):
             raise ConfigError(f"'model.tokenizer' {cfg.model.tokenizer!r} does not exist")
@@ -938,10 +998,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     model = data.get("model")
     if isinstance(model, dict):
         named = {item.partition("=")[0].strip() for item in overrides}
-        for mine, other in (("path", "preset"), ("preset", "path")):
-            if f"model.{mine}" in named and f"model.{other}" not in named:
-                if model.get(mine) is not None:
-                    model[other] = None
+        for mine, others in (("path", ("preset",)), ("hf_config", ("preset",)),
+                             ("preset", ("path", "hf_config"))):
+            for other in others:
+                if f"model.{mine}" in named and f"model.{other}" not in named:
+                    if model.get(mine) is not None:
+                        model[other] = None
     return validate(config_from_dict(data), num_devices=num_devices, check_paths=check_paths)
 
 

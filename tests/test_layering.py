@@ -19,6 +19,7 @@ LAYERS = {
     "jaxgrpo.core": 0,
     "jaxgrpo.config": 0,
     "jaxgrpo.paths": 0,
+    "jaxgrpo.hardware": 0,
     "jaxgrpo.tasks": 1,
     "jaxgrpo.evaluation": 1,
     "jaxgrpo.sharding": 1,
@@ -102,3 +103,9 @@ def test_imports_point_down_the_layers():
             if other is None or _module_name(path).startswith(mod):
                 continue
             assert other <= me, f"{_module_name(path)} (layer {me}) imports {mod} (layer {other})"
+
+
+def test_chip_table_never_imports_jax():
+    for mod in _imports(PKG / "hardware.py"):
+        assert mod.split(".")[0] not in ("jax", "jaxlib", "flax", "jaxgrpo"), (
+            f"jaxgrpo/hardware.py imports {mod}: the chip table is plain Python")

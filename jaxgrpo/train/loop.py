@@ -309,18 +309,45 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
                                     rules=shd.TRAIN_RULES)
     pad_id, eos_ids = special_ids(tokenizer)
     parts, params = split_model(model)
-    rollout_sh = None
-    if mesh is not None:
-        flat = lambda rules: jax.tree.leaves(
-            shd.param_shardings(params, mesh, rules),
-            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        if flat(shd.TRAIN_RULES) != flat(shd.ROLLOUT_RULES):  # fsdp > 1: weights gathered
-            rollout_sh = shd.param_shardings(params, mesh, shd.ROLLOUT_RULES)
+    rollout_sh = None if mesh is None else rollout_param_shardings(params, mesh)
     policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids,
                     matmul_params=int(model.cfg.matmul_params), mesh=mesh,
                     rollout_shardings=rollout_sh)
     eval_key = rng_lib.eval_key(rng_lib.base_key(cfg.train.seed))
     return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
+
+
+def rollout_param_shardings(params, mesh):
+    """The parameters' rollout-layout shardings (``ROLLOUT_RULES``), or None when they equal
+    the training layout (``fsdp=1``: no reshard). ``params`` may be abstract."""
+    flat = lambda rules: jax.tree.leaves(
+        shd.param_shardings(params, mesh, rules),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if flat(shd.TRAIN_RULES) == flat(shd.ROLLOUT_RULES):
+        return None
+    return shd.param_shardings(params, mesh, shd.ROLLOUT_RULES)  # fsdp > 1: weights gathered
+
+
+def step_config(cfg: ExperimentConfig, num_tasks: int) -> StepConfig:
+    """The train step's static knobs from the config (``num_tasks``: tasks in the mixture)."""
+    lc, rc = cfg.loss, cfg.rollout
+    return StepConfig(
+        epochs=lc.epochs, num_minibatches=lc.minibatches, microbatches=lc.micro_batches,
+        clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
+        kl_coef=lc.kl_coef, kl_estimator=str(lc.kl_estimator),
+        kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
+        max_len=rc.max_new_tokens, recompute_old_logp=True,
+        num_tasks=num_tasks if cfg.algo.name == Algo.MT_GRPO else 0,
+    )
+
+
+def train_batch_shardings(mesh, *, blockwise: bool) -> batch_lib.TrainBatch:
+    """A TrainBatch of shardings: rows over ``("data", "fsdp")``, the rest replicated
+    (``advantages`` is ``[N, S]`` for BAE, ``[N]`` otherwise)."""
+    return batch_lib.TrainBatch(
+        *(shd.batch_sharding(mesh, 2),) * 3, shd.batch_sharding(mesh, 2 if blockwise else 1),
+        *(shd.batch_sharding(mesh, 2),) * 2, *(shd.batch_sharding(mesh, 1),) * 2,
+    )
 
 
 def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: epath.PathLike | None = None):
@@ -382,6 +409,9 @@ def run(
             f"mesh.axis_types {str(cfg.mesh.axis_types)!r} is not supported by the trainer: set "
             "mesh.axis_types=auto (the step pins its shardings through jit in/out shardings)"
         )
+    if cfg.model.path is None and cfg.model.preset is None:
+        raise ValueError(f"model.hf_config ({cfg.model.hf_config!r}) is an architecture without "
+                         "weights: set model.path to a local HF checkpoint to train")
     shd.initialize_distributed(cfg.distributed)
     validate(cfg, num_devices=jax.device_count(), check_paths=False)
     if jax.process_count() > 1 and cfg.mesh.devices != -1:
@@ -432,20 +462,9 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     # ---- STATE, STEP, SAMPLERS -----------------------------------------------------------
     tx = optimizer(cfg)
     state, abstract_state, state_sh = sharded_state(cfg, params, mesh, tx)
-    step_cfg = StepConfig(
-        epochs=lc.epochs, num_minibatches=lc.minibatches, microbatches=lc.micro_batches,
-        row_shards=mesh.shape["data"] * mesh.shape["fsdp"],
-        clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
-        kl_coef=lc.kl_coef, kl_estimator=str(lc.kl_estimator),
-        kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
-        max_len=rc.max_new_tokens, recompute_old_logp=True,
-        num_tasks=len(names) if cfg.algo.name == Algo.MT_GRPO else 0,
-    )
+    step_cfg = step_config(cfg, len(names))
     blockwise = lc.estimator == Estimator.BLOCKWISE
-    batch_sh = batch_lib.TrainBatch(
-        *(shd.batch_sharding(mesh, 2),) * 3, shd.batch_sharding(mesh, 2 if blockwise else 1),
-        *(shd.batch_sharding(mesh, 2),) * 2, *(shd.batch_sharding(mesh, 1),) * 2,
-    )
+    batch_sh = train_batch_shardings(mesh, blockwise=blockwise)
     train_step = make_train_step(parts, tx, step_cfg, state_sharding=state_sh,
                                  batch_sharding=batch_sh)
     prompts = TaskSampler(
@@ -470,7 +489,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     log("accuracy before RL: " + _fmt_acc(summary["accuracy_before"]))
 
     # ---- LOOP ----------------------------------------------------------------------------
-    peak = measure_matmul_peak()
+    peak, peak_source = peak_flops(str(cfg.model.dtype), list(mesh.devices.flat))
+    log(f"perf/mfu denominator: {peak:.3g} FLOP/s ({peak_source})")
     log_path = workdir / "metrics.jsonl"
     if lead and not restoring and log_path.exists():
         log_path.unlink()
@@ -480,7 +500,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         writer = metrics_lib.MultiWriter(
             [writer, metrics_lib.TensorBoardWriter(cfg.logging.dir or workdir / "tensorboard")]
         )
-    writer.write_hparams(flatten_config(cfg))
+    writer.write_hparams({**flatten_config(cfg), "perf/peak_flops_source": peak_source})
     guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
     progress = (metrics_lib.ProgressBar(cfg.train.steps, stream=stream)
                 if lead and cfg.logging.progress else None)
@@ -645,6 +665,25 @@ def _replicated(value: float, mesh) -> jax.Array:
                                         lambda _: np.asarray(value, np.float32))
 
 
+def peak_flops(compute_dtype: str, devices=None) -> tuple[float, str]:
+    """``(FLOP/s, source)``: the denominator of ``perf/mfu`` for ``devices`` (default: all).
+
+    On a TPU in :mod:`jaxgrpo.hardware`'s table: the device's peak for the compute dtype times
+    the number of devices (model FLOPs are counted over the whole batch). Elsewhere (CPU, an
+    unknown device): one device's measured float32 matmul rate (:func:`measure_matmul_peak`).
+    """
+    from jaxgrpo import hardware
+
+    devs = list(jax.devices() if devices is None else devices)
+    dev = devs[0]
+    hit = hardware.peak_flops_for(dev.device_kind, getattr(dev, "num_cores", None),
+                                  compute_dtype)
+    if hit is not None:
+        return hit[0] * len(devs), f"{len(devs)} x {dev.device_kind}: {hit[1]}"
+    return measure_matmul_peak(), (f"measured float32 1024^3 matmul on {dev.device_kind} "
+                                   "(measure_matmul_peak)")
+
+
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a jitted float32 ``n^3`` matmul (median), the denominator of ``perf/mfu``."""
     a = jnp.ones((n, n), jnp.float32)
@@ -747,7 +786,8 @@ def _flush(pending, writer, guard, progress) -> None:
     scalars = {**host, **metrics_lib.to_scalars(dev)}
     dt = scalars["time/step_s"] = time.perf_counter() - t0
     scalars["perf/tokens_per_s"] = scalars["rollout/tokens"] / dt
-    scalars["perf/mfu"] = scalars.pop("perf/model_flops") / dt / scalars.pop("perf/peak_flops")
+    # perf/peak_flops (the denominator; its source is in the hparams) stays in the log.
+    scalars["perf/mfu"] = scalars.pop("perf/model_flops") / dt / scalars["perf/peak_flops"]
     guard.check(step, scalars)
     scalars.update(guard.metrics())
     writer.write_scalars(step + 1, scalars)

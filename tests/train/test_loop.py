@@ -116,8 +116,12 @@ def test_run_writes_config_metrics_and_checkpoints(nano_model, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     keys = set().union(*rows)
     for k in ("loss/total", "grad/global_norm", "loss/clip_frac_high", "reward/mean",
-              "logp/sampler_trainer_gap", "time/step_s", "perf/mfu", "perf/tokens_per_s"):
+              "logp/sampler_trainer_gap", "time/step_s", "perf/mfu", "perf/tokens_per_s",
+              "perf/peak_flops"):
         assert k in keys, k
+    # On CPU the MFU denominator is the measured matmul rate, and the run says so.
+    hparams = json.loads((tmp_path / "hparams.json").read_text())
+    assert "measured" in hparams["perf/peak_flops_source"]
     assert any(k.startswith("task/") and k.endswith("/zero_adv_frac") for k in keys)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     assert set(out["accuracy_before"]) == set(out["accuracy_after"])

@@ -1,0 +1,659 @@
+"""Ahead-of-time ("deviceless") compilation of a training step's programs for a TPU topology.
+
+``jaxgrpo compile CONFIG --topology v5p:2x4x4`` runs on any machine with libtpu installed (no TPU
+needed): the topology's devices come from ``jax.experimental.topologies.get_topology_desc``,
+the mesh is ``cfg.mesh`` over them (:func:`jaxgrpo.sharding.make_mesh`), and every input is a
+``jax.ShapeDtypeStruct`` carrying its sharding, so nothing is materialised. The programs are the
+trainer's own (built with the same constructors as :mod:`jaxgrpo.train.loop`):
+
+- ``train_step``: the jitted, donated step (:func:`jaxgrpo.train.step.make_train_step`) on a
+  batch of ``N = P*G`` rows of ``T = max(prompt_buckets) + max_new_tokens`` tokens; for
+  ``algo.name: mt_grpo`` the improvement passes (one forward before and one after each
+  minibatch update) are inside it.
+- ``reshard``: the parameters moved from the training to the rollout layout (only when they
+  differ, i.e. ``fsdp > 1``).
+- ``prefill``: one sampler round's prompts ``[R, Tp]`` (``R`` = prompts per round, padded to the
+  data-parallel size; ``Tp`` = the largest bucket) into a fresh KV cache.
+- ``decode``: one decode step (``forward_cached`` of one token + sampling) of ``R*G`` rows over
+  the whole ``Tp + max_new_tokens`` KV cache, the cache donated.
+- ``generate``: the whole sampler program (prefill, cache repeat, decode ``while_loop``); its
+  memory is the real rollout peak.
+
+For each program :func:`analyse` reads ``memory_analysis`` (per device: arguments, outputs,
+temporaries, code; ``total = argument + output - alias + temp + code``), ``cost_analysis``
+(FLOPs and bytes accessed per device) and the collectives in the optimised HLO, and gives a
+roofline time ``max(FLOPs / peak, bytes / HBM bandwidth)`` per device (:mod:`jaxgrpo.hardware`).
+:func:`step_estimate` turns them into one RL step's time and MFU under the ``compile`` section's
+stated assumptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxgrpo import hardware
+from jaxgrpo import sharding as shd
+from jaxgrpo.config import Algo, Estimator, ExperimentConfig
+from jaxgrpo.model import ModelConfig, Transformer
+from jaxgrpo.rollout import sampler as sampler_lib
+from jaxgrpo.train import batch as batch_lib
+from jaxgrpo.train import loop
+from jaxgrpo.train.state import ModelParts
+from jaxgrpo.train.step import make_train_step
+
+PROGRAMS = ("train_step", "reshard", "prefill", "decode", "generate")
+LIBTPU_HINT = "libtpu is not installed: install it with pip install 'jaxgrpo[tpu]'"
+
+
+class CompileError(ValueError):
+    """Bad input to ``jaxgrpo compile`` (one line), raised before anything compiles."""
+
+
+class LibTPUMissing(RuntimeError):
+    """libtpu (the TPU compiler) cannot be imported."""
+
+
+# ---- topology and model -------------------------------------------------------------------------
+
+
+def topology_devices(name: str) -> list:
+    """The devices of TPU topology ``name`` (e.g. ``"v5p:2x4x4"``), without any TPU.
+
+    Raises:
+        LibTPUMissing: libtpu cannot be imported.
+        CompileError: an unknown or malformed topology name.
+    """
+    try:
+        import libtpu  # noqa: F401  (the compiler behind get_topology_desc)
+    except ImportError:
+        raise LibTPUMissing(LIBTPU_HINT) from None
+    if not isinstance(name, str) or ":" not in name:
+        raise CompileError(f"--topology {name!r}: give a TPU topology such as 'v5p:2x4x4' "
+                           "(generation:chips along each axis)")
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # the runtime raises JaxRuntimeError (INVALID_ARGUMENT) here
+        text = " ".join(str(e).split("=== Source Location Trace")[0].split())
+        if "INVALID_ARGUMENT" in text:
+            raise CompileError(f"--topology {name!r} is not a TPU topology libtpu knows "
+                               f"({text})") from None
+        raise CompileError(f"libtpu could not describe topology {name!r}: {text}") from None
+    return list(topo.devices)
+
+
+def model_config(cfg: ExperimentConfig) -> tuple[ModelConfig, str]:
+    """``(ModelConfig, where it came from)``: ``model.hf_config`` when ``model.path`` is unset or
+    has no config.json, else the path's config.json, else the preset. Only config.json is read;
+    compute and parameter dtypes come from ``model.dtype`` / ``model.param_dtype``."""
+    import os
+
+    spec = cfg.model
+    dt = dict(dtype=str(spec.dtype), param_dtype=str(spec.param_dtype))
+    if spec.preset is not None:
+        from jaxgrpo.model import build_demo_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = len(build_demo_tokenizer(os.path.join(tmp, "tokenizer")))
+        make = ModelConfig.tiny if spec.preset == "tiny" else ModelConfig.demo
+        return make(vocab, **dt), f"preset {spec.preset}"
+    path_json = (os.path.join(os.path.expanduser(spec.path), "config.json")
+                 if spec.path is not None else None)
+    if path_json is not None and os.path.isfile(path_json):
+        source = path_json
+    elif spec.hf_config is not None:
+        source = os.path.expanduser(spec.hf_config)
+        if not os.path.isfile(source):
+            raise CompileError(f"'model.hf_config' {spec.hf_config!r} does not exist: give the "
+                               "path of an HF config.json")
+    else:
+        raise CompileError(f"'model.path' {spec.path!r} has no config.json and 'model.hf_config' "
+                           "is unset: give either (compile reads only the architecture)")
+    import transformers
+
+    from jaxgrpo.model.hf import config_from_hf
+
+    try:
+        hf = transformers.AutoConfig.from_pretrained(source)
+        mcfg = config_from_hf(hf, dtype=dt["dtype"])
+    except (OSError, ValueError, KeyError) as e:
+        raise CompileError(f"{source}: {' '.join(str(e).split())}") from None
+    return dataclasses.replace(mcfg, **dt), source
+
+
+def abstract_model(mcfg: ModelConfig):
+    """``(graphdef, params, rest)`` of ``Transformer(mcfg)`` as ``nnx.split(.., nnx.Param, ...)``
+    gives them, every leaf a ``jax.ShapeDtypeStruct`` (nothing allocated)."""
+    with jax.set_mesh(None):  # outside a mesh: logical names are not mesh axes
+        return nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))),
+                         nnx.Param, ...)
+
+
+def task_names(cfg: ExperimentConfig) -> list[str]:
+    """The mixture's task names (as :func:`jaxgrpo.train.loop.resolve_tasks` orders them),
+    without building the tasks."""
+    from jaxgrpo.tasks import MIXTURES
+
+    mix = cfg.tasks.mixture
+    if isinstance(mix, str):
+        if mix not in MIXTURES:
+            raise CompileError(f"unknown mixture {mix!r}; known: {', '.join(MIXTURES)}")
+        return list(dict(MIXTURES[mix]))
+    return list(dict.fromkeys(t.spec for t in mix))
+
+
+def kv_cache_sharding(num_kv_heads: int, slots: int, mesh) -> NamedSharding:
+    """The sampler's KV cache ``[rows, Hkv, S, Dh]`` sharding: ``jaxgrpo.sharding``'s
+    ``kv_cache_spec`` when it has one, else rows over ``("data", "fsdp")``."""
+    helper = getattr(shd, "kv_cache_spec", None)
+    if helper is not None:
+        spec = helper(num_kv_heads, slots, mesh)
+        return spec if isinstance(spec, NamedSharding) else NamedSharding(mesh, spec)
+    return NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES, None, None, None))
+
+
+# ---- analysis -----------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2,
+                "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8,
+                "c128": 16}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+                "collective-permute", "collective-broadcast")
+_OP_RE = re.compile(r"=\s*(?P<type>\(.*?\)|\S+)\s+(?P<op>" + "|".join(
+    sorted(_COLLECTIVES, key=len, reverse=True)) + r")(?P<start>-start)?\(")
+_ARRAY_RE = re.compile(r"\b(?P<dt>[a-z]+\d*(?:e\d+m\d+\w*)?)\[(?P<dims>[\d,]*)\]")
+
+
+def _array_bytes(type_text: str) -> list[float]:
+    out = []
+    for m in _ARRAY_RE.finditer(type_text):
+        dt = m.group("dt")
+        size = _DTYPE_BYTES.get(dt, 1 if dt.startswith("f8") else 4)
+        dims = [int(d) for d in m.group("dims").split(",") if d]
+        out.append(size * math.prod(dims))
+    return out
+
+
+def parse_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """``{kind: {"count", "bytes"}}`` over the collectives of an optimised HLO module.
+
+    ``count`` is static (an op inside a loop body counts once); ``bytes`` is the size of each
+    op's result (for an async ``-start`` op: its output buffer, the largest array of the
+    tuple, or the sum of the outputs for an all-reduce). ``-done`` halves are not counted.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for line in hlo_text.splitlines():
+        m = _OP_RE.search(line)
+        if m is None:
+            continue
+        sizes = _array_bytes(m.group("type"))
+        if m.group("start") and m.group("op") != "all-reduce":
+            nbytes = max(sizes, default=0.0)
+        else:
+            nbytes = sum(sizes)
+        slot = out.setdefault(m.group("op"), {"count": 0, "bytes": 0.0})
+        slot["count"] += 1
+        slot["bytes"] += nbytes
+    return out
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def analyse(compiled, *, devices: int, device_info: dict, loop_scale: float = 1.0) -> dict:
+    """Per-device memory, FLOPs, bytes, collectives and roofline time of a compiled program.
+
+    XLA's ``cost_analysis`` counts the body of a loop once; ``loop_scale`` multiplies its
+    FLOPs and bytes (see :func:`train_loop_scale`); the raw figures are kept as ``xla_*``.
+    """
+    mem = compiled.memory_analysis()
+    get = lambda k: int(getattr(mem, k, 0) or 0)
+    memory = {
+        "argument_bytes": get("argument_size_in_bytes"),
+        "output_bytes": get("output_size_in_bytes"),
+        "alias_bytes": get("alias_size_in_bytes"),
+        "temp_bytes": get("temp_size_in_bytes"),
+        "generated_code_bytes": get("generated_code_size_in_bytes"),
+    }
+    total = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+             + memory["temp_bytes"] + memory["generated_code_bytes"])
+    cost = _cost(compiled)
+    xla_flops = float(cost.get("flops", 0.0))
+    xla_bytes = float(cost.get("bytes accessed", 0.0))
+    flops, nbytes = xla_flops * loop_scale, xla_bytes * loop_scale
+    roof = max(flops / device_info["bf16_flops"], nbytes / device_info["hbm_bandwidth"])
+    return {
+        "memory": memory,
+        "total_bytes_per_chip": total,
+        "headroom_bytes_per_chip": device_info["hbm_bytes"] - total,
+        "fits": total <= device_info["hbm_bytes"],
+        "flops_per_chip": flops,
+        "xla_flops_per_chip": xla_flops,
+        "xla_bytes_accessed_per_chip": xla_bytes,
+        "loop_scale": loop_scale,
+        "global_flops": flops * devices,
+        "bytes_accessed_per_chip": nbytes,
+        "collectives": parse_collectives(compiled.as_text()),
+        "roofline_s": roof,
+        "bound": "compute" if flops / device_info["bf16_flops"] >= nbytes /
+        device_info["hbm_bandwidth"] else "memory",
+    }
+
+
+_OOM_RE = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.I)
+
+
+def _oom_line(err: Exception) -> str | None:
+    """The XLA compiler's "ran out of HBM" message, condensed (None: another error)."""
+    text = " ".join(str(err).split())
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    m = _OOM_RE.search(text)
+    if m:
+        return f"XLA: used {m.group(1)}{m.group(2)} of {m.group(3)}{m.group(4)} hbm"
+    return "XLA: " + text[:300]
+
+
+# ---- programs -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Program:
+    name: str
+    note: str
+    lower: object  # () -> jax.stages.Lowered
+    loop_scale: float = 1.0  # XLA's cost analysis counts a loop body once: its cost x this
+
+
+def train_loop_scale(epochs: int, minibatches: int, microbatches: int) -> float:
+    """The factor from XLA's cost of the train step (every loop body counted once) to its cost.
+
+    The step runs the old-log-prob forward as a loop over ``K = microbatches * minibatches``
+    chunks, then ``epochs * minibatches`` updates, each a loop over ``microbatches`` gradient
+    chunks plus the optimiser and MT-GRPO's two forwards over the minibatch. With work linear
+    in rows (``L`` forward, ``G`` gradient, ``F`` forward over the whole batch, ``o`` one
+    optimiser update) XLA counts ``L/K + G/(M mu) + o + 2F/M`` and the step costs
+    ``L + E G + E M o + 2 E F``: the factor is exactly ``M`` when ``E = mu = 1``; otherwise this
+    returns ``E M mu``, an upper bound (it over-counts the forward and optimiser parts).
+    """
+    return float(minibatches if epochs == 1 and microbatches == 1
+                 else epochs * minibatches * microbatches)
+
+
+def rows_per_round(cfg: ExperimentConfig, names, dp: int) -> int:
+    """Prompts in one sampler round: the batch sampler's round size, padded to ``dp``."""
+    r = loop.make_batch_sampler(cfg, names, cfg.tasks.seed).round_size
+    return -(-r // dp) * dp
+
+
+def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
+                   only=PROGRAMS) -> tuple[list[Program], dict]:
+    """The programs of one RL step on ``mesh``, abstract inputs only; and the abstract state
+    (for its dtypes) and shapes used."""
+    rc, lc = cfg.rollout, cfg.loss
+    graphdef, params, rest = abstract_model(mcfg)
+    if jax.tree.leaves(rest):
+        raise CompileError("the model has non-parameter variables; compile supports "
+                           "parameter-only models")
+    parts = ModelParts(graphdef, rest)
+    tx = loop.optimizer(cfg)
+    abstract_state = jax.eval_shape(lambda p: loop.initial_state(cfg, p, tx), params)
+    state_sh = shd.state_shardings(abstract_state, mesh, shd.TRAIN_RULES, tx)
+    state_in = shd.abstract_like(abstract_state, state_sh)
+    blockwise = lc.estimator == Estimator.BLOCKWISE
+    batch_sh = loop.train_batch_shardings(mesh, blockwise=blockwise)
+    step_cfg = loop.step_config(cfg, len(names))
+
+    p, g = cfg.tasks.prompts_per_step, rc.group_size
+    tp, tn = max(rc.prompt_buckets), rc.max_new_tokens
+    n, t = p * g, tp + tn
+    sds = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    batch = batch_lib.TrainBatch(
+        tokens=sds((n, t), jnp.int32, sharding=batch_sh.tokens),
+        attn_mask=sds((n, t), jnp.bool_, sharding=batch_sh.attn_mask),
+        loss_mask=sds((n, t - 1), jnp.bool_, sharding=batch_sh.loss_mask),
+        advantages=sds((n, t - 1) if blockwise else (n,), f32, sharding=batch_sh.advantages),
+        old_logp=sds((n, t - 1), f32, sharding=batch_sh.old_logp),
+        token_weights=sds((n, t - 1), f32, sharding=batch_sh.token_weights),
+        sequence_weights=sds((n,), f32, sharding=batch_sh.sequence_weights),
+        task_ids=sds((n,), jnp.int32, sharding=batch_sh.task_ids),
+    )
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    r = rows_per_round(cfg, names, dp)
+    nr, s = r * g, tp + tn
+    train_psh = shd.param_shardings(params, mesh, shd.TRAIN_RULES)
+    roll_psh = loop.rollout_param_shardings(params, mesh)
+    roll_params = shd.abstract_like(params, roll_psh if roll_psh is not None else train_psh)
+    rows2 = shd.batch_sharding(mesh, 2)
+    rows1 = shd.batch_sharding(mesh, 1)
+    rep = shd.replicated(mesh)
+    cache_sh = kv_cache_sharding(mcfg.num_kv_heads, s, mesh)
+    greedy = rc.temperature == 0
+    sample = functools.partial(sampler_lib._sample, greedy=greedy,
+                               temperature=rc.temperature or 1.0, top_k=rc.top_k, top_p=rc.top_p)
+    key_in = sds((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    algo_note = (" with MT-GRPO's improvement passes (a forward before and after each update)"
+                 if cfg.algo.name == Algo.MT_GRPO else "")
+    progs = []
+
+    if "train_step" in only:
+        train_step = make_train_step(parts, tx, step_cfg, state_sharding=state_sh,
+                                     batch_sharding=batch_sh)
+        progs.append(Program(
+            "train_step",
+            f"N={n} rows x T={t}, {lc.epochs} epoch(s) x {lc.minibatches} minibatches x "
+            f"{step_cfg.microbatches} micro-batch(es){algo_note}",
+            lambda: train_step.lower(state_in, batch),
+            loop_scale=train_loop_scale(lc.epochs, lc.minibatches, step_cfg.microbatches)))
+
+    if "reshard" in only and roll_psh is not None:
+        move = jax.jit(lambda x: x, out_shardings=shd.match_structure(roll_psh, params))
+        train_params = shd.abstract_like(params, train_psh)
+        progs.append(Program("reshard", "params, training layout -> rollout layout",
+                             lambda: move.lower(train_params)))
+
+    def merged(prm):
+        return nnx.merge(graphdef, prm, rest)
+
+    if "prefill" in only:
+        def prefill(prm, tokens, mask):
+            model = merged(prm)
+            positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+            key_valid = jnp.concatenate([mask, jnp.zeros((r, tn), bool)], axis=1)
+            hidden, cache = model.forward_cached(tokens, positions, model.init_cache(r, s),
+                                                 jnp.int32(0), key_valid)
+            return model.logits(hidden[:, -1]), cache
+
+        cache_out = [(cache_sh, cache_sh)] * mcfg.num_layers
+        pre = jax.jit(prefill, out_shardings=(rows2, cache_out))
+        progs.append(Program(
+            "prefill", f"{r} prompts x Tp={tp} into a cache of S={s} slots",
+            lambda: pre.lower(roll_params, sds((r, tp), jnp.int32, sharding=rows2),
+                              sds((r, tp), jnp.bool_, sharding=rows2))))
+
+    if "decode" in only:
+        def decode(prm, cache, key_valid, prev, positions, slot, key):
+            model = merged(prm)
+            hidden, cache = model.forward_cached(prev[:, None], positions[:, None], cache, slot,
+                                                 key_valid)
+            tok, lp = sample(model.logits(hidden[:, 0]), key)
+            return tok, lp, cache
+
+        cache_in = [(sds((nr, mcfg.num_kv_heads, s, mcfg.head_dim), jnp.dtype(mcfg.dtype),
+                         sharding=cache_sh),) * 2 for _ in range(mcfg.num_layers)]
+        dec = jax.jit(decode, donate_argnums=(1,),
+                      out_shardings=(rows1, rows1, [(cache_sh, cache_sh)] * mcfg.num_layers))
+        progs.append(Program(
+            "decode", f"one token for {nr} rows ({r} prompts x G={g}) over S={s} cache slots",
+            lambda: dec.lower(roll_params, cache_in, sds((nr, s), jnp.bool_, sharding=rows2),
+                              sds((nr,), jnp.int32, sharding=rows1),
+                              sds((nr,), jnp.int32, sharding=rows1),
+                              sds((), jnp.int32, sharding=rep), key_in)))
+
+    if "generate" in only:
+        full_graphdef = nnx.graphdef(merged(params))
+        state = nnx.merge_state(roll_params, rest)
+        eos = sds((4,), jnp.int32, sharding=rep)
+        progs.append(Program(
+            "generate", f"the whole sampler: {r} prompts x G={g}, up to {tn} new tokens (its "
+            "FLOPs and bytes count the decode loop's body once: memory is the figure here)",
+            lambda: sampler_lib._generate_jit.lower(
+                full_graphdef, state, sds((r, tp), jnp.int32, sharding=rows2),
+                sds((r, tp), jnp.bool_, sharding=rows2), key_in, sds((), jnp.float32,
+                                                                     sharding=rep), eos,
+                num_samples=g, max_new_tokens=tn, top_k=int(rc.top_k), top_p=float(rc.top_p),
+                stop_sequences=(), greedy=greedy, pad_id=0)))
+
+    shapes = {"train_rows": n, "train_tokens_per_row": t, "prompts_per_round": r,
+              "rollout_rows": nr, "cache_slots": s, "prompt_bucket": tp}
+    return progs, {"state": abstract_state, "shapes": shapes}
+
+
+def _dtype_names(tree) -> list[str]:
+    return sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(tree)})
+
+
+# ---- the whole step -----------------------------------------------------------------------------
+
+
+def assumptions(cfg: ExperimentConfig) -> dict:
+    """The ``compile`` section with its defaults resolved (the estimate's stated inputs)."""
+    cc, rc = cfg.compile, cfg.rollout
+    return {
+        "mean_prompt_tokens": cc.mean_prompt_tokens or max(rc.prompt_buckets),
+        "mean_response_tokens": cc.mean_response_tokens or rc.max_new_tokens,
+        "rounds_per_step": float(cc.rounds_per_step),
+        "decode_steps_per_round": cc.decode_steps_per_round or rc.max_new_tokens,
+    }
+
+
+def step_estimate(programs: dict, assume: dict, shapes: dict, *, matmul_params: int,
+                  group_size: int, chips: int, peak_per_chip: float) -> dict | None:
+    """One RL step's time and MFU from the compiled programs' rooflines.
+
+    ``rollout = rounds * (prefill + decode_steps * decode)``, ``step = rollout + reshard +
+    train_step``; model FLOPs ``= 2 N (generated + prompt tokens) + train_step's global FLOPs``
+    with ``generated = rounds * R * G * mean_response`` and ``prompt = rounds * R *
+    mean_prompt`` (the prompt is prefilled once per prompt); ``MFU = model FLOPs / (step *
+    chips * peak)``. None when a needed program did not compile.
+    """
+    need = ("train_step", "prefill", "decode")
+    if any(programs.get(k, {}).get("roofline_s") is None for k in need):
+        return None
+    rounds, steps = assume["rounds_per_step"], assume["decode_steps_per_round"]
+    r = shapes["prompts_per_round"]
+    rollout = rounds * (programs["prefill"]["roofline_s"] + steps * programs["decode"]["roofline_s"])
+    reshard = programs.get("reshard", {}).get("roofline_s") or 0.0
+    train = programs["train_step"]["roofline_s"]
+    seconds = rollout + reshard + train
+    generated = rounds * r * group_size * assume["mean_response_tokens"]
+    prompt = rounds * r * assume["mean_prompt_tokens"]
+    rollout_flops = 2.0 * matmul_params * (generated + prompt)
+    model_flops = rollout_flops + programs["train_step"]["global_flops"]
+    return {
+        "seconds": seconds, "rollout_s": rollout, "reshard_s": reshard, "train_s": train,
+        "generated_tokens": generated, "rollout_model_flops": rollout_flops,
+        "train_flops": programs["train_step"]["global_flops"], "model_flops": model_flops,
+        "mfu": model_flops / (seconds * chips * peak_per_chip) if seconds > 0 else 0.0,
+    }
+
+
+def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int | None = None,
+        layers: int | None = None, stream=sys.stderr) -> dict:
+    """Compiles every program of ``cfg``'s RL step for ``topology``; returns the report.
+
+    ``hbm_bytes`` replaces the chip's HBM capacity in the fit check; ``layers`` keeps only the
+    first that many decoder layers (a quicker compile; memory and FLOPs then cover those).
+
+    Raises:
+        LibTPUMissing, CompileError: before anything compiles.
+    """
+    t_all = time.perf_counter()
+    say = lambda msg: print(f"[jaxgrpo compile] {msg}", file=stream, flush=True)
+    devices = topology_devices(topology)
+    kind, cores = devices[0].device_kind, getattr(devices[0], "num_cores", None)
+    chip = hardware.chip_for_device_kind(kind)
+    if chip is None:
+        raise CompileError(f"--topology {topology!r}: device kind {kind!r} is not in "
+                           f"jaxgrpo.hardware's table ({', '.join(hardware.CHIPS)})")
+    info = hardware.per_device(chip, cores)
+    if hbm_bytes is not None:
+        info["hbm_bytes"] = int(hbm_bytes)
+    try:
+        mesh = shd.make_mesh(cfg.mesh, devices=devices)
+    except ValueError as e:
+        sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+        raise CompileError(f"mesh {sizes} does not fit {topology} ({len(devices)} devices): "
+                           f"{e}") from None
+    from jaxgrpo.config import ConfigError, validate
+
+    try:
+        validate(cfg, num_devices=len(devices), check_paths=False)
+    except ConfigError as e:
+        raise CompileError(str(e)) from None
+    mcfg, source = model_config(cfg)
+    full_layers = mcfg.num_layers
+    if layers is not None:
+        if not isinstance(layers, int) or layers < 1:
+            raise CompileError(f"--layers must be a positive int, got {layers!r}")
+        mcfg = dataclasses.replace(mcfg, num_layers=min(layers, full_layers))
+    names = task_names(cfg)
+    unknown = [k for k in only if k not in PROGRAMS]
+    if unknown:
+        raise CompileError(f"--programs: unknown {unknown}; known: {', '.join(PROGRAMS)}")
+    say(f"{topology}: {len(devices)} devices ({kind}, {cores} TensorCore(s) each), mesh "
+        f"{dict(mesh.shape)}; model from {source}: {mcfg.num_layers} of {full_layers} layers, "
+        f"{mcfg.num_params / 1e9:.3g}e9 parameters ({mcfg.param_dtype} storage, {mcfg.dtype} "
+        "compute)")
+    # Abstract shapes and shardings outside the mesh context (optax builds its state tree
+    # eagerly, on the host); tracing and lowering under it, as the trainer runs.
+    programs, extra = build_programs(cfg, mcfg, mesh, names, only)
+    out = {}
+    with jax.set_mesh(mesh):
+        for prog in programs:
+            say(f"{prog.name}: tracing and lowering ({prog.note})")
+            t0 = time.perf_counter()
+            try:
+                with jax.default_device(devices[0]):
+                    lowered = prog.lower()
+                t1 = time.perf_counter()
+                say(f"{prog.name}: lowered in {t1 - t0:.1f} s; XLA is compiling it for "
+                    f"{topology} (a large model takes minutes)")
+                compiled = lowered.compile()
+            except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+                oom = _oom_line(e)
+                failure = oom or "XLA could not compile it: " + (
+                    " ".join(str(e).split("=== Source Location Trace")[0].split())[:300]
+                    or type(e).__name__)
+                out[prog.name] = {"note": prog.note, "fits": False, "error": failure,
+                                  "out_of_memory": oom is not None,
+                                  "compile_s": time.perf_counter() - t0,
+                                  **dict.fromkeys(("total_bytes_per_chip", "flops_per_chip",
+                                                   "global_flops", "bytes_accessed_per_chip",
+                                                   "roofline_s")), "collectives": {}}
+                say(f"{prog.name}: {'does not fit' if oom else 'failed'} ({failure})")
+                continue
+            rep = analyse(compiled, devices=len(devices), device_info=info,
+                          loop_scale=prog.loop_scale)
+            rep.update(note=prog.note, compile_s=time.perf_counter() - t0,
+                       lower_s=t1 - t0, out_of_memory=not rep["fits"])
+            out[prog.name] = rep
+            say(f"{prog.name}: compiled in {rep['compile_s']:.1f} s")
+    assume = assumptions(cfg)
+    state = extra["state"]
+    chips = len(devices)
+    est = step_estimate(out, assume, extra["shapes"], matmul_params=mcfg.matmul_params,
+                        group_size=cfg.rollout.group_size, chips=chips,
+                        peak_per_chip=info["bf16_flops"])
+    return {
+        "topology": topology,
+        "device_kind": kind,
+        "chip": chip.name,
+        "chips": chips,
+        "mesh": dict(mesh.shape),
+        "hbm_bytes_per_chip": info["hbm_bytes"],
+        "peak_bf16_flops_per_chip": info["bf16_flops"],
+        "hbm_bandwidth_per_chip": info["hbm_bandwidth"],
+        "hardware_source": chip.source,
+        "model": {"source": source, "num_params": mcfg.num_params,
+                  "matmul_params": mcfg.matmul_params, "num_layers": mcfg.num_layers,
+                  "full_num_layers": full_layers,
+                  "dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype},
+        "algo": str(cfg.algo.name),
+        "shapes": extra["shapes"],
+        "param_dtypes": _dtype_names(state.params),
+        "opt_state_dtypes": _dtype_names(state.opt_state),
+        "programs": out,
+        "assumptions": assume,
+        "step_estimate": est,
+        "compile_wall_s": {k: v["compile_s"] for k, v in out.items()},
+        "total_wall_s": time.perf_counter() - t_all,
+    }
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+
+def _gb(x: float) -> str:
+    """Bytes in GB, with enough decimals that small programs do not read as zero."""
+    gb = x / 1e9
+    return f"{gb:.2f}" if abs(gb) >= 0.1 or gb == 0 else f"{gb:.2g}"
+
+
+def format_report(rep: dict) -> str:
+    """The readable table of a :func:`run` report."""
+    cap = rep["hbm_bytes_per_chip"]
+    lines = [
+        f"{rep['topology']}: {rep['chips']} x {rep['device_kind']} ({rep['chip']}: "
+        f"{_gb(cap)} GB HBM, {rep['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
+        f"{rep['hbm_bandwidth_per_chip'] / 1e12:.2f} TB/s per chip), mesh {rep['mesh']}",
+        f"model: {rep['model']['num_params'] / 1e9:.3g}e9 params, {rep['model']['num_layers']} "
+        f"of {rep['model']['full_num_layers']} layers; param dtypes {rep['param_dtypes']}, optimiser state {rep['opt_state_dtypes']}",
+        "",
+        f"{'program':<11} {'args GB':>8} {'temp GB':>8} {'out GB':>7} {'code GB':>8} "
+        f"{'total GB':>9} {'of cap':>7} {'TFLOP/chip':>11} {'GB moved':>9} {'roofline':>10} "
+        f"{'compile':>8}",
+    ]
+    for name, p in rep["programs"].items():
+        if "error" in p:
+            what = "does not fit" if p["out_of_memory"] else "did not compile"
+            lines.append(f"{name:<11} {what}: {p['error']} (after {p['compile_s']:.0f} s)")
+            continue
+        m = p["memory"]
+        lines.append(
+            f"{name:<11} {_gb(m['argument_bytes']):>8} {_gb(m['temp_bytes']):>8} "
+            f"{_gb(m['output_bytes'] - m['alias_bytes']):>7} {_gb(m['generated_code_bytes']):>8} "
+            f"{_gb(p['total_bytes_per_chip']):>9} {p['total_bytes_per_chip'] / cap:>6.0%} "
+            f"{p['flops_per_chip'] / 1e12:>11.3f} {_gb(p['bytes_accessed_per_chip']):>9} "
+            f"{p['roofline_s'] * 1e3:>8.2f}ms {p['compile_s']:>7.0f}s")
+    lines.append("")
+    for name, p in rep["programs"].items():
+        lines.append(f"{name}: {p['note']}")
+        if p.get("collectives"):
+            coll = ", ".join(f"{k} x{v['count']} ({_gb(v['bytes'])} GB)"
+                             for k, v in sorted(p["collectives"].items()))
+            lines.append(f"  collectives (static count in the HLO): {coll}")
+        if "error" not in p:
+            scale = (f"; FLOPs and bytes = XLA's (loop bodies once) x {p['loop_scale']:g}"
+                     if p["loop_scale"] != 1 else "")
+            lines.append(f"  headroom {_gb(p['headroom_bytes_per_chip'])} GB per chip; "
+                         f"{p['bound']}-bound{scale}")
+    a, est = rep["assumptions"], rep["step_estimate"]
+    lines += ["", "assumptions (config section 'compile'): " + ", ".join(
+        f"{k} {v:g}" for k, v in a.items())]
+    if est is None:
+        lines.append("step estimate: not available (train_step, prefill and decode must compile)")
+    else:
+        lines.append(
+            f"step estimate (rooflines): {est['seconds']:.1f} s = rollout {est['rollout_s']:.1f}"
+            f" + reshard {est['reshard_s']:.2f} + train {est['train_s']:.1f}; model FLOPs "
+            f"{est['model_flops']:.3g} (rollout {est['rollout_model_flops']:.3g}, train step "
+            f"{est['train_flops']:.3g}); MFU {est['mfu']:.1%}")
+    return "\n".join(lines)
+
+
+def not_fitting(rep: dict) -> list[str]:
+    """Names of the programs whose per-chip total exceeds the HBM capacity."""
+    return [k for k, p in rep["programs"].items() if not p["fits"]]
+
+
+__all__ = ["PROGRAMS", "CompileError", "LibTPUMissing", "analyse", "build_programs",
+           "format_report", "model_config", "not_fitting", "parse_collectives", "run",
+           "step_estimate", "topology_devices"]
