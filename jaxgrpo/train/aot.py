@@ -154,14 +154,10 @@ def task_names(cfg: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys(t.spec for t in mix))
 
 
-def kv_cache_sharding(num_kv_heads: int, slots: int, mesh) -> NamedSharding:
-    """The sampler's KV cache ``[rows, Hkv, S, Dh]`` sharding: ``jaxgrpo.sharding``'s
-    ``kv_cache_spec`` when it has one, else rows over ``("data", "fsdp")``."""
-    helper = getattr(shd, "kv_cache_spec", None)
-    if helper is not None:
-        spec = helper(num_kv_heads, slots, mesh)
-        return spec if isinstance(spec, NamedSharding) else NamedSharding(mesh, spec)
-    return NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES, None, None, None))
+def kv_cache_sharding(rows: int, num_kv_heads: int, slots: int, mesh) -> NamedSharding:
+    """The sampler's KV cache ``[rows, Hkv, S, Dh]`` sharding (``jaxgrpo.sharding.kv_cache_spec``,
+    the rule the sampler pins its cache to)."""
+    return NamedSharding(mesh, shd.kv_cache_spec(rows, num_kv_heads, slots, mesh))
 
 
 # ---- analysis -----------------------------------------------------------------------------------
@@ -302,6 +298,16 @@ def rows_per_round(cfg: ExperimentConfig, names, dp: int) -> int:
     return -(-r // dp) * dp
 
 
+def prompts_per_call(cfg: ExperimentConfig, names, dp: int) -> tuple[int, int]:
+    """``(prompts per sampler call, calls per round)``: a round is rolled out
+    ``rollout.max_prompts_per_call`` prompts at a time when that is set."""
+    r = rows_per_round(cfg, names, dp)
+    mp = cfg.rollout.max_prompts_per_call
+    if mp is None or mp >= r:
+        return r, 1
+    return mp, -(-r // mp)
+
+
 def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
                    only=PROGRAMS) -> tuple[list[Program], dict]:
     """The programs of one RL step on ``mesh``, abstract inputs only; and the abstract state
@@ -336,7 +342,7 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
         task_ids=sds((n,), jnp.int32, sharding=batch_sh.task_ids),
     )
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    r = rows_per_round(cfg, names, dp)
+    r, calls = prompts_per_call(cfg, names, dp)  # prompts per sampler call
     nr, s = r * g, tp + tn
     train_psh = shd.param_shardings(params, mesh, shd.TRAIN_RULES)
     roll_psh = loop.rollout_param_shardings(params, mesh)
@@ -344,7 +350,8 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
     rows2 = shd.batch_sharding(mesh, 2)
     rows1 = shd.batch_sharding(mesh, 1)
     rep = shd.replicated(mesh)
-    cache_sh = kv_cache_sharding(mcfg.num_kv_heads, s, mesh)
+    cache_sh = kv_cache_sharding(nr, mcfg.num_kv_heads, s, mesh)  # after the repeat to G rows
+    prompt_cache_sh = kv_cache_sharding(r, mcfg.num_kv_heads, s, mesh)
     greedy = rc.temperature == 0
     sample = functools.partial(sampler_lib._sample, greedy=greedy,
                                temperature=rc.temperature or 1.0, top_k=rc.top_k, top_p=rc.top_p)
@@ -381,7 +388,7 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
                                                  jnp.int32(0), key_valid)
             return model.logits(hidden[:, -1]), cache
 
-        cache_out = [(cache_sh, cache_sh)] * mcfg.num_layers
+        cache_out = [(prompt_cache_sh, prompt_cache_sh)] * mcfg.num_layers
         pre = jax.jit(prefill, out_shardings=(rows2, cache_out))
         progs.append(Program(
             "prefill", f"{r} prompts x Tp={tp} into a cache of S={s} slots",
@@ -421,7 +428,8 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
                 num_samples=g, max_new_tokens=tn, top_k=int(rc.top_k), top_p=float(rc.top_p),
                 stop_sequences=(), greedy=greedy, pad_id=0)))
 
-    shapes = {"train_rows": n, "train_tokens_per_row": t, "prompts_per_round": r,
+    shapes = {"train_rows": n, "train_tokens_per_row": t, "prompts_per_call": r,
+              "calls_per_round": calls, "prompts_per_round": rows_per_round(cfg, names, dp),
               "rollout_rows": nr, "cache_slots": s, "prompt_bucket": tp}
     return progs, {"state": abstract_state, "shapes": shapes}
 
@@ -445,32 +453,49 @@ def assumptions(cfg: ExperimentConfig) -> dict:
 
 
 def step_estimate(programs: dict, assume: dict, shapes: dict, *, matmul_params: int,
-                  group_size: int, chips: int, peak_per_chip: float) -> dict | None:
+                  group_size: int, prompts_per_step: int, mt_grpo: bool, chips: int,
+                  peak_per_chip: float) -> dict | None:
     """One RL step's time and MFU from the compiled programs' rooflines.
 
-    ``rollout = rounds * (prefill + decode_steps * decode)``, ``step = rollout + reshard +
-    train_step``; model FLOPs ``= 2 N (generated + prompt tokens) + train_step's global FLOPs``
-    with ``generated = rounds * R * G * mean_response`` and ``prompt = rounds * R *
-    mean_prompt`` (the prompt is prefilled once per prompt); ``MFU = model FLOPs / (step *
-    chips * peak)``. None when a needed program did not compile.
+    Time: ``rollout = rounds * calls * (prefill + decode_steps * decode)`` (``calls`` sampler
+    calls per round, see ``rollout.max_prompts_per_call``), ``step = rollout + reshard +
+    train_step``, each program at its roofline (so the time is a lower bound and the MFU an
+    upper bound for these programs).
+
+    Model FLOPs count real tokens only, as ``perf/mfu`` does in the trainer, with ``N`` the
+    matmul parameters: rollout ``2 N (generated + prompt tokens)`` with ``generated = rounds * R
+    * G * mean_response`` and ``prompt = rounds * R * mean_prompt`` (``R`` prompts per round;
+    the prompt is prefilled once per prompt); training ``8 N`` per trained token (old-log-prob
+    forward, forward and backward) plus ``4 N`` for MT-GRPO's two improvement forwards, over
+    ``B * G * (mean_prompt + mean_response)`` tokens. Padding, rematerialisation and attention
+    FLOPs are hardware work, not model FLOPs (the compiled figures are reported separately).
+    ``MFU = model FLOPs / (step * chips * peak)``. None when a needed program did not compile.
     """
     need = ("train_step", "prefill", "decode")
     if any(programs.get(k, {}).get("roofline_s") is None for k in need):
         return None
     rounds, steps = assume["rounds_per_step"], assume["decode_steps_per_round"]
+    calls = shapes.get("calls_per_round", 1)
     r = shapes["prompts_per_round"]
-    rollout = rounds * (programs["prefill"]["roofline_s"] + steps * programs["decode"]["roofline_s"])
+    per_call = programs["prefill"]["roofline_s"] + steps * programs["decode"]["roofline_s"]
+    rollout = rounds * calls * per_call
     reshard = programs.get("reshard", {}).get("roofline_s") or 0.0
     train = programs["train_step"]["roofline_s"]
     seconds = rollout + reshard + train
-    generated = rounds * r * group_size * assume["mean_response_tokens"]
-    prompt = rounds * r * assume["mean_prompt_tokens"]
+    mean_p, mean_r = assume["mean_prompt_tokens"], assume["mean_response_tokens"]
+    generated = rounds * r * group_size * mean_r
+    prompt = rounds * r * mean_p
     rollout_flops = 2.0 * matmul_params * (generated + prompt)
-    model_flops = rollout_flops + programs["train_step"]["global_flops"]
+    trained_tokens = prompts_per_step * group_size * (mean_p + mean_r)
+    train_flops = (8.0 + (4.0 if mt_grpo else 0.0)) * matmul_params * trained_tokens
+    model_flops = rollout_flops + train_flops
     return {
         "seconds": seconds, "rollout_s": rollout, "reshard_s": reshard, "train_s": train,
-        "generated_tokens": generated, "rollout_model_flops": rollout_flops,
-        "train_flops": programs["train_step"]["global_flops"], "model_flops": model_flops,
+        "sampler_calls_per_round": calls, "decode_steps_per_round": steps,
+        "generated_tokens": generated, "trained_tokens": trained_tokens,
+        "rollout_model_flops": rollout_flops, "train_model_flops": train_flops,
+        "train_step_compiled_flops": programs["train_step"]["global_flops"],
+        "model_flops": model_flops,
         "mfu": model_flops / (seconds * chips * peak_per_chip) if seconds > 0 else 0.0,
     }
 
@@ -560,7 +585,9 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
     state = extra["state"]
     chips = len(devices)
     est = step_estimate(out, assume, extra["shapes"], matmul_params=mcfg.matmul_params,
-                        group_size=cfg.rollout.group_size, chips=chips,
+                        group_size=cfg.rollout.group_size,
+                        prompts_per_step=cfg.tasks.prompts_per_step,
+                        mt_grpo=cfg.algo.name == Algo.MT_GRPO, chips=chips,
                         peak_per_chip=info["bf16_flops"])
     return {
         "topology": topology,
