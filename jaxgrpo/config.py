@@ -234,6 +234,7 @@ class ModelConfigSpec:
     attention: Attention = Attention.AUTO
     attention_block: int = 512  # query/key block of chunked and splash attention
     remat: Remat = Remat.NONE
+    scan_layers: bool = False  # the blocks as one lax.scan: compile time independent of depth
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
 
     def __post_init__(self):

@@ -48,6 +48,8 @@ class ModelConfig:
             Pallas TPU kernel; unsupported shapes fall back to chunked). The cached decode step
             always uses "plain". See ``jaxgrpo.model.attention``.
         attention_block: query/key block size of "chunked" and "splash".
+        scan_layers: run the cache-free forward's blocks as one ``lax.scan`` over their stacked
+            parameters (compile time independent of depth; the same numbers).
         remat: rematerialisation of the decoder blocks in the backward pass: "none" (keep all
             activations), "block" (keep each block's input only, recompute the block) or "dots"
             (keep the outputs of the weight matmuls,
@@ -78,6 +80,7 @@ class ModelConfig:
     attention: str = "auto"
     attention_block: int = 512
     remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -108,6 +111,8 @@ class ModelConfig:
         b = self.attention_block
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
             raise ValueError(f"ModelConfig.attention_block must be a positive int, got {b!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
         if self.remat not in REMAT_MODES:
             raise ValueError(
                 f"ModelConfig.remat must be one of {REMAT_MODES}, got {self.remat!r}"

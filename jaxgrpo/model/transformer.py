@@ -229,6 +229,29 @@ class Transformer(nnx.Module):
             new_cache.append(kv)
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt), new_cache
 
+    def _scanned_blocks(self, x, positions, inv_freq, mask):
+        """The decoder blocks as one ``lax.scan`` over their parameters stacked ``[L, ...]``.
+
+        The same computation as the Python loop over ``self.layers`` (tested equal), but XLA
+        compiles the block once, so compile time does not grow with depth. The parameters stay
+        one ``Block`` per layer (paths, checkpoints and the HF key table are unchanged); they are
+        stacked inside the traced function (a copy of the parameters, ``L`` times one block's,
+        whose gradient unstacks into the per-layer gradients).
+        """
+        graphdef, first = nnx.split(self.layers[0])
+        states = [first] + [nnx.state(layer) for layer in list(self.layers)[1:]]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+        def body(h, state):
+            return constrain_rows(_block_forward(nnx.merge(graphdef, state), h, positions,
+                                                 inv_freq, mask)), None
+
+        if self.cfg.remat != "none":
+            policy = (None if self.cfg.remat == "block"
+                      else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+            body = jax.checkpoint(body, policy=policy)
+        return jax.lax.scan(body, x, stacked)[0]
+
     def __call__(self, tokens, *, positions=None, mask=None, return_hidden: bool = False):
         """Full forward, no cache.
 
@@ -257,8 +280,11 @@ class Transformer(nnx.Module):
         dt = _dtype(self.cfg.dtype)
         x = constrain_rows(self.embedding[...][tokens].astype(dt))
         inv_freq = self._inv_freq()
-        step = _remat(_block_forward, self.cfg.remat)
-        for layer in self.layers:
-            x = constrain_rows(step(layer, x, positions, inv_freq, mask))
+        if self.cfg.scan_layers:
+            x = self._scanned_blocks(x, positions, inv_freq, mask)
+        else:
+            step = _remat(_block_forward, self.cfg.remat)
+            for layer in self.layers:
+                x = constrain_rows(step(layer, x, positions, inv_freq, mask))
         hidden = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps, dt)
         return hidden if return_hidden else self.logits(hidden)

@@ -40,7 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxgrpo import hardware
 from jaxgrpo import sharding as shd
@@ -49,6 +49,7 @@ from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.rollout import sampler as sampler_lib
 from jaxgrpo.train import batch as batch_lib
 from jaxgrpo.train import loop
+from jaxgrpo.train.flops import hlo_matmul_flops, jaxpr_matmul_flops
 from jaxgrpo.train.state import ModelParts
 from jaxgrpo.train.step import make_train_step
 
@@ -97,11 +98,14 @@ def topology_devices(name: str) -> list:
 def model_config(cfg: ExperimentConfig) -> tuple[ModelConfig, str]:
     """``(ModelConfig, where it came from)``: ``model.hf_config`` when ``model.path`` is unset or
     has no config.json, else the path's config.json, else the preset. Only config.json is read;
-    compute and parameter dtypes come from ``model.dtype`` / ``model.param_dtype``."""
+    compute and parameter dtypes come from ``model.dtype`` / ``model.param_dtype``, attention,
+    rematerialisation and layer scan from the ``model`` section, as in training."""
     import os
 
+    from jaxgrpo.train.policy import model_overrides
+
     spec = cfg.model
-    dt = dict(dtype=str(spec.dtype), param_dtype=str(spec.param_dtype))
+    dt = dict(dtype=str(spec.dtype), param_dtype=str(spec.param_dtype), **model_overrides(spec))
     if spec.preset is not None:
         from jaxgrpo.model import build_demo_tokenizer
 
@@ -212,11 +216,18 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
-def analyse(compiled, *, devices: int, device_info: dict, loop_scale: float = 1.0) -> dict:
+def analyse(compiled, *, devices: int, device_info: dict,
+            global_matmul_flops: float | None = None) -> dict:
     """Per-device memory, FLOPs, bytes, collectives and roofline time of a compiled program.
 
-    XLA's ``cost_analysis`` counts the body of a loop once; ``loop_scale`` multiplies its
-    FLOPs and bytes (see :func:`train_loop_scale`); the raw figures are kept as ``xla_*``.
+    XLA's ``cost_analysis`` counts the body of a loop once. ``flops_per_chip`` is therefore the
+    larger of XLA's figure and the program's matmul FLOPs with every loop body counted by its
+    trip count (:func:`jaxgrpo.train.flops.hlo_matmul_flops`); XLA's bytes accessed are scaled
+    by the same factor (an approximation: the loops' bytes in proportion to their FLOPs).
+    ``global_flops`` is the matmul FLOPs of the unpartitioned program (its jaxpr, global shapes,
+    :func:`~jaxgrpo.train.flops.jaxpr_matmul_flops`), so ``flops_per_chip / (global_flops /
+    devices)`` near 1 says no device repeats another's work. XLA's raw figures are kept
+    (``xla_*``).
     """
     mem = compiled.memory_analysis()
     get = lambda k: int(getattr(mem, k, 0) or 0)
@@ -232,7 +243,10 @@ def analyse(compiled, *, devices: int, device_info: dict, loop_scale: float = 1.
     cost = _cost(compiled)
     xla_flops = float(cost.get("flops", 0.0))
     xla_bytes = float(cost.get("bytes accessed", 0.0))
-    flops, nbytes = xla_flops * loop_scale, xla_bytes * loop_scale
+    hlo_flops, unknown_loops = hlo_matmul_flops(compiled.as_text())
+    flops = max(xla_flops, hlo_flops)
+    loop_factor = flops / xla_flops if xla_flops > 0 else 1.0
+    nbytes = xla_bytes * loop_factor
     roof = max(flops / device_info["bf16_flops"], nbytes / device_info["hbm_bandwidth"])
     return {
         "memory": memory,
@@ -242,8 +256,12 @@ def analyse(compiled, *, devices: int, device_info: dict, loop_scale: float = 1.
         "flops_per_chip": flops,
         "xla_flops_per_chip": xla_flops,
         "xla_bytes_accessed_per_chip": xla_bytes,
-        "loop_scale": loop_scale,
-        "global_flops": flops * devices,
+        "matmul_flops_per_chip": hlo_flops,
+        "loops_of_unknown_trip_count": unknown_loops,
+        "loop_factor": loop_factor,
+        "global_flops": global_matmul_flops if global_matmul_flops is not None else flops * devices,
+        "flops_per_chip_over_share": (hlo_flops / (global_matmul_flops / devices)
+                                      if global_matmul_flops else None),
         "bytes_accessed_per_chip": nbytes,
         "collectives": parse_collectives(compiled.as_text()),
         "roofline_s": roof,
@@ -273,23 +291,7 @@ def _oom_line(err: Exception) -> str | None:
 class Program:
     name: str
     note: str
-    lower: object  # () -> jax.stages.Lowered
-    loop_scale: float = 1.0  # XLA's cost analysis counts a loop body once: its cost x this
-
-
-def train_loop_scale(epochs: int, minibatches: int, microbatches: int) -> float:
-    """The factor from XLA's cost of the train step (every loop body counted once) to its cost.
-
-    The step runs the old-log-prob forward as a loop over ``K = microbatches * minibatches``
-    chunks, then ``epochs * minibatches`` updates, each a loop over ``microbatches`` gradient
-    chunks plus the optimiser and MT-GRPO's two forwards over the minibatch. With work linear
-    in rows (``L`` forward, ``G`` gradient, ``F`` forward over the whole batch, ``o`` one
-    optimiser update) XLA counts ``L/K + G/(M mu) + o + 2F/M`` and the step costs
-    ``L + E G + E M o + 2 E F``: the factor is exactly ``M`` when ``E = mu = 1``; otherwise this
-    returns ``E M mu``, an upper bound (it over-counts the forward and optimiser parts).
-    """
-    return float(minibatches if epochs == 1 and microbatches == 1
-                 else epochs * minibatches * microbatches)
+    trace: object  # () -> jax.stages.Traced
 
 
 def rows_per_round(cfg: ExperimentConfig, names, dp: int) -> int:
@@ -367,14 +369,13 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
             "train_step",
             f"N={n} rows x T={t}, {lc.epochs} epoch(s) x {lc.minibatches} minibatches x "
             f"{step_cfg.microbatches} micro-batch(es){algo_note}",
-            lambda: train_step.lower(state_in, batch),
-            loop_scale=train_loop_scale(lc.epochs, lc.minibatches, step_cfg.microbatches)))
+            lambda: train_step.trace(state_in, batch)))
 
     if "reshard" in only and roll_psh is not None:
         move = jax.jit(lambda x: x, out_shardings=shd.match_structure(roll_psh, params))
         train_params = shd.abstract_like(params, train_psh)
         progs.append(Program("reshard", "params, training layout -> rollout layout",
-                             lambda: move.lower(train_params)))
+                             lambda: move.trace(train_params)))
 
     def merged(prm):
         return nnx.merge(graphdef, prm, rest)
@@ -392,7 +393,7 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
         pre = jax.jit(prefill, out_shardings=(rows2, cache_out))
         progs.append(Program(
             "prefill", f"{r} prompts x Tp={tp} into a cache of S={s} slots",
-            lambda: pre.lower(roll_params, sds((r, tp), jnp.int32, sharding=rows2),
+            lambda: pre.trace(roll_params, sds((r, tp), jnp.int32, sharding=rows2),
                               sds((r, tp), jnp.bool_, sharding=rows2))))
 
     if "decode" in only:
@@ -409,7 +410,7 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
                       out_shardings=(rows1, rows1, [(cache_sh, cache_sh)] * mcfg.num_layers))
         progs.append(Program(
             "decode", f"one token for {nr} rows ({r} prompts x G={g}) over S={s} cache slots",
-            lambda: dec.lower(roll_params, cache_in, sds((nr, s), jnp.bool_, sharding=rows2),
+            lambda: dec.trace(roll_params, cache_in, sds((nr, s), jnp.bool_, sharding=rows2),
                               sds((nr,), jnp.int32, sharding=rows1),
                               sds((nr,), jnp.int32, sharding=rows1),
                               sds((), jnp.int32, sharding=rep), key_in)))
@@ -421,7 +422,7 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
         progs.append(Program(
             "generate", f"the whole sampler: {r} prompts x G={g}, up to {tn} new tokens (its "
             "FLOPs and bytes count the decode loop's body once: memory is the figure here)",
-            lambda: sampler_lib._generate_jit.lower(
+            lambda: sampler_lib._generate_jit.trace(
                 full_graphdef, state, sds((r, tp), jnp.int32, sharding=rows2),
                 sds((r, tp), jnp.bool_, sharding=rows2), key_in, sds((), jnp.float32,
                                                                      sharding=rep), eos,
@@ -557,7 +558,9 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
             t0 = time.perf_counter()
             try:
                 with jax.default_device(devices[0]):
-                    lowered = prog.lower()
+                    traced = prog.trace()
+                    global_flops = jaxpr_matmul_flops(traced.jaxpr)
+                    lowered = traced.lower()
                 t1 = time.perf_counter()
                 say(f"{prog.name}: lowered in {t1 - t0:.1f} s; XLA is compiling it for "
                     f"{topology} (a large model takes minutes)")
@@ -576,7 +579,7 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
                 say(f"{prog.name}: {'does not fit' if oom else 'failed'} ({failure})")
                 continue
             rep = analyse(compiled, devices=len(devices), device_info=info,
-                          loop_scale=prog.loop_scale)
+                          global_matmul_flops=global_flops)
             rep.update(note=prog.note, compile_s=time.perf_counter() - t0,
                        lower_s=t1 - t0, out_of_memory=not rep["fits"])
             out[prog.name] = rep
@@ -658,8 +661,12 @@ def format_report(rep: dict) -> str:
                              for k, v in sorted(p["collectives"].items()))
             lines.append(f"  collectives (static count in the HLO): {coll}")
         if "error" not in p:
-            scale = (f"; FLOPs and bytes = XLA's (loop bodies once) x {p['loop_scale']:g}"
-                     if p["loop_scale"] != 1 else "")
+            share = p.get("flops_per_chip_over_share")
+            scale = (f"; matmul FLOPs per chip / (global / chips) = {share:.3f}"
+                     if share is not None else "")
+            if p.get("loop_factor", 1) > 1:
+                scale += f"; loops counted by trip count (x{p['loop_factor']:.3g} XLA's)"
+
             lines.append(f"  headroom {_gb(p['headroom_bytes_per_chip'])} GB per chip; "
                          f"{p['bound']}-bound{scale}")
     a, est = rep["assumptions"], rep["step_estimate"]
@@ -670,9 +677,11 @@ def format_report(rep: dict) -> str:
     else:
         lines.append(
             f"step estimate (rooflines): {est['seconds']:.1f} s = rollout {est['rollout_s']:.1f}"
-            f" + reshard {est['reshard_s']:.2f} + train {est['train_s']:.1f}; model FLOPs "
-            f"{est['model_flops']:.3g} (rollout {est['rollout_model_flops']:.3g}, train step "
-            f"{est['train_flops']:.3g}); MFU {est['mfu']:.1%}")
+            f" ({est['sampler_calls_per_round']} sampler call(s) per round) + reshard "
+            f"{est['reshard_s']:.2f} + train {est['train_s']:.1f}; model FLOPs "
+            f"{est['model_flops']:.3g} (rollout {est['rollout_model_flops']:.3g}, training "
+            f"{est['train_model_flops']:.3g}; the train step compiles to "
+            f"{est['train_step_compiled_flops']:.3g} matmul FLOPs); MFU {est['mfu']:.1%}")
     return "\n".join(lines)
 
 

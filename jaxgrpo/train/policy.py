@@ -28,7 +28,7 @@ def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path, mes
         tokenizer = build_demo_tokenizer(workdir / "tokenizer")
         make = ModelConfig.tiny if spec.preset == "tiny" else ModelConfig.demo
         cfg = make(len(tokenizer), dtype=str(spec.dtype), param_dtype=str(spec.param_dtype),
-                   **_model_overrides(spec))
+                   **model_overrides(spec))
         if mesh is None:
             return Transformer(cfg, rngs=nnx.Rngs(seed)), tokenizer
         from jaxgrpo.sharding import init_sharded
@@ -37,15 +37,15 @@ def build_policy(spec: ModelConfigSpec, *, seed: int, workdir: pathlib.Path, mes
                                               mesh, rules)
         return nnx.merge(graphdef, params, rest), tokenizer
     model = load_hf(spec.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
-                    **_model_overrides(spec))
+                    **model_overrides(spec))
     tokenizer = load_tokenizer(spec.tokenizer or spec.path)
     return model, tokenizer
 
 
-def _model_overrides(spec: ModelConfigSpec) -> dict:
+def model_overrides(spec: ModelConfigSpec) -> dict:
     """The ``ModelConfig`` fields the experiment config sets on any model (preset or HF)."""
     return dict(attention=str(spec.attention), attention_block=int(spec.attention_block),
-                remat=str(spec.remat))
+                remat=str(spec.remat), scan_layers=bool(spec.scan_layers))
 
 
 def special_ids(tokenizer) -> tuple[int, tuple[int, ...]]:

@@ -292,3 +292,34 @@ def test_attention_and_remat_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
                     num_heads=2, num_kv_heads=1, head_dim=4, **kwargs)
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_scanned_layers_equal_the_layer_loop(remat):
+    m = _perturbed(dataclasses_replace(CFG, attention="chunked", attention_block=4), 5)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 53, (2, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None] >= np.array([[3], [0]]))
+    s = _with(m, scan_layers=True, remat=remat)
+    paths = lambda x: [p for p, _ in nnx.to_flat_state(nnx.state(x))]  # noqa: E731
+    assert paths(s) == paths(m)  # one Block per layer still: checkpoints and HF keys unchanged
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: x(tokens, mask=mask))(s)),
+                               np.asarray(m(tokens, mask=mask)), atol=1e-5, rtol=1e-5)
+    (l0, g0), (l1, g1) = _loss_and_grads(m, tokens, mask), _loss_and_grads(s, tokens, mask)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    for (path, a), (_, c) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(c.get_value()), np.asarray(a.get_value()),
+                                   atol=1e-5, rtol=1e-4, err_msg=str(path))
+
+
+def test_scanned_layers_compile_one_block():
+    """The scanned forward's HLO holds one block however deep the model: its size is flat in L."""
+    def hlo_size(layers, scan):
+        cfg = dataclasses_replace(CFG, num_layers=layers, scan_layers=scan, attention="plain")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+        tok = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+        f = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, return_hidden=True))
+        return len(f.lower(params, tok).as_text())
+
+    base = hlo_size(2, True)
+    assert hlo_size(8, True) < 1.5 * base  # only the stacking of 8 layers' parameters grows
+    assert hlo_size(8, False) > 2.5 * hlo_size(2, False)

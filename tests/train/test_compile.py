@@ -91,11 +91,6 @@ def test_peak_flops_uses_the_chip_table_on_tpu_and_measures_on_cpu(monkeypatch):
 # ---- collective parser ------------------------------------------------------------------------
 
 
-def test_train_loop_scale():
-    from jaxgrpo.train.aot import train_loop_scale
-
-    assert train_loop_scale(1, 4, 1) == 4  # exact: the shipped configs
-    assert train_loop_scale(2, 4, 2) == 16  # an upper bound
 
 
 def test_parse_collectives_counts_and_sizes():
@@ -146,18 +141,22 @@ def test_compile_tiny_config_for_v5p_2x2x2(tiny_config, tmp_path):
                     "bytes_accessed_per_chip", "collectives", "roofline_s"):
             assert key in p, (name, key)
         assert p["fits"] and 0 < p["total_bytes_per_chip"] < rep["hbm_bytes_per_chip"]
-        assert p["global_flops"] == pytest.approx(p["flops_per_chip"] * 8)
+        assert p["flops_per_chip"] >= p["xla_flops_per_chip"]
         assert rep["compile_wall_s"][name] > 0
     # fsdp=4 splits the weights: the train step gathers them and reduces the gradients.
     coll = rep["programs"]["train_step"]["collectives"]
     assert coll["all-gather"]["count"] > 0 and coll["all-reduce"]["count"] > 0
     assert rep["programs"]["reshard"]["collectives"]["all-gather"]["bytes"] > 0
-    # The per-chip FLOPs are a share of the whole step's work: per chip x chips is within a
-    # factor 2 of the model FLOPs of the step (old-log-prob forward 2N, forward and backward
-    # 6N, MT-GRPO's two extra forwards 4N per token), where a program replicated over the 8
-    # chips would give 8x and the minibatch loop counted once (XLA's raw figure) 1/2.
+    # The per-chip matmul FLOPs (loops counted by trip count) are at most 1.15 x an eighth of
+    # the unpartitioned program's, where a program replicated over the 8 chips gives 8x (XLA may
+    # also merge identical passes, e.g. the old-log-prob forward and MT-GRPO's first one, so a
+    # little under 1 is expected).
     ts = rep["programs"]["train_step"]
-    assert ts["loop_scale"] == 2 and ts["flops_per_chip"] == 2 * ts["xla_flops_per_chip"]
+    assert ts["loops_of_unknown_trip_count"] == 0
+    assert 0.8 < ts["flops_per_chip_over_share"] <= 1.15, ts["flops_per_chip_over_share"]
+    # ... and they are the step's work: within a factor 2 of the model FLOPs (old-log-prob
+    # forward 2N, forward and backward 6N, MT-GRPO's two extra forwards 4N per token), where a
+    # loop counted once (XLA's raw figure) would give about 1/2 or less.
     n_tok = 32 * 31
     model = 12 * rep["model"]["matmul_params"] * n_tok
     ratio = ts["flops_per_chip"] * 8 / model
