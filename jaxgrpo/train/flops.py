@@ -135,7 +135,7 @@ def _trip_count(attrs: str, cond: list, comps: dict) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _window_pairs(size: int, window: int, stride: int, lo: int, lhs_dilate: int,
                   rhs_dilate: int, out: int) -> int:
     """Pairs (output position, window position) of one spatial dimension that read a real input
