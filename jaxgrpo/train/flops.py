@@ -145,7 +145,7 @@ def _window_pairs(size: int, window: int, stride: int, lo: int, lhs_dilate: int,
     for k in range(window):
         c = k * rhs_dilate - lo
         # output positions p with 0 <= p*stride + c < length
-        first = max(0, -(-(-c) // stride)) if c < 0 else 0
+        first = -(c // stride) if c < 0 else 0  # ceil(-c / stride)
         last = min(out - 1, (length - 1 - c) // stride) if length - 1 - c >= 0 else -1
         if last < first:
             continue
