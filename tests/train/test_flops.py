@@ -61,3 +61,30 @@ def test_partitioned_program_is_one_share_per_device():
 def test_hlo_without_entry_is_refused():
     with pytest.raises(ValueError, match="ENTRY"):
         hlo_matmul_flops("HloModule m\n")
+
+
+def test_tpu_convolutions_count_as_their_matmuls():
+    """The TPU compiler writes (batched) matmuls as convolutions whose windows, padding and
+    dilations stand for batch dimensions: each counts exactly its matmul's FLOPs."""
+    try:
+        from jax.experimental import topologies
+
+        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2")
+    except Exception as e:  # noqa: BLE001 - libtpu missing or unusable here
+        pytest.skip(f"no deviceless TPU topology: {type(e).__name__}: {e}")
+    mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(8), ("d",))
+    spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))  # noqa: E731
+    b, t, k, r, h, s = 16, 1, 2, 4, 128, 640
+    q = jax.ShapeDtypeStruct((b, t, k, r, h), jnp.bfloat16, sharding=spec("d"))
+    kc = jax.ShapeDtypeStruct((b, k, s, h), jnp.bfloat16, sharding=spec("d"))
+    w = jax.ShapeDtypeStruct((k, r, h, 256), jnp.bfloat16, sharding=spec())
+
+    def f(q, kc, w):  # decode-style attention scores, values and an output projection
+        sc = jnp.einsum("btkrh,bksh->bkrts", q, kc)
+        att = jnp.einsum("bkrts,bksh->btkrh", sc, kc)
+        return jnp.einsum("btkrh,krhd->btd", att, w)
+
+    want = 2.0 * (b * k * r * t * s * h * 2 + b * t * k * r * h * 256) / 8
+    with jax.default_device(topo.devices[0]):
+        compiled = jax.jit(f).lower(q, kc, w).compile()
+    assert hlo_matmul_flops(compiled.as_text())[0] == pytest.approx(want)
