@@ -149,11 +149,24 @@ def _window_pairs(size: int, window: int, stride: int, lo: int, lhs_dilate: int,
         last = min(out - 1, (length - 1 - c) // stride) if length - 1 - c >= 0 else -1
         if last < first:
             continue
-        if lhs_dilate == 1:
-            pairs += last - first + 1
-        else:
-            pairs += sum(1 for q in range(first, last + 1) if (q * stride + c) % lhs_dilate == 0)
+        pairs += _count_congruent(first, last, stride, -c, lhs_dilate)
     return pairs
+
+
+def _count_congruent(first: int, last: int, a: int, b: int, m: int) -> int:
+    """How many integers q in [first, last] have a*q = b (mod m)."""
+    if last < first:
+        return 0
+    if m == 1:
+        return last - first + 1
+    g = math.gcd(a, m)
+    if b % g:
+        return 0
+    mm = m // g
+    q0 = (b // g) * pow(a // g, -1, mm) % mm if mm > 1 else 0
+    # q = q0 + j*mm within [first, last]
+    lo = first + (q0 - first) % mm
+    return 0 if lo > last else (last - lo) // mm + 1
 
 
 def _conv_macs(lhs, rhs, out, attrs: str) -> float | None:

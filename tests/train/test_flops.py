@@ -88,3 +88,21 @@ def test_tpu_convolutions_count_as_their_matmuls():
     with jax.default_device(topo.devices[0]):
         compiled = jax.jit(f).lower(q, kc, w).compile()
     assert hlo_matmul_flops(compiled.as_text())[0] == pytest.approx(want)
+
+
+def test_window_counting_against_a_loop():
+    from jaxgrpo.train.flops import _count_congruent, _window_pairs
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        first, last = int(rng.integers(0, 30)), int(rng.integers(-1, 60))
+        a, b, m = int(rng.integers(1, 20)), int(rng.integers(-40, 40)), int(rng.integers(1, 12))
+        want = sum(1 for q in range(first, last + 1) if (a * q - b) % m == 0)
+        assert _count_congruent(first, last, a, b, m) == want
+    for size, window, stride, lo, ld, rd, out in [(1, 2, 1, 1, 1, 1, 2), (5, 5, 4, 0, 5, 1, 5),
+                                                  (7, 3, 2, 2, 2, 1, 8), (4, 4, 1, 3, 1, 1, 4)]:
+        length = (size - 1) * ld + 1
+        want = sum(1 for p in range(out) for k in range(window)
+                   if 0 <= p * stride + k * rd - lo < length
+                   and (p * stride + k * rd - lo) % ld == 0)
+        assert _window_pairs(size, window, stride, lo, ld, rd, out) == want
