@@ -212,8 +212,9 @@ def test_train_refuses_an_architecture_without_weights(tiny_config):
 def test_pod_config_layer_reduced_compiles_extrapolate_to_the_committed_full_one(tmp_path):
     """The pod config (Qwen2.5-3B shapes, 32 chips) compiled with 1 and 2 decoder layers: the
     rollout programs (layers unrolled) grow linearly, and 1 + 35 per-layer increments give the
-    committed full 36-layer compile's figures (benchmarks/results/compile, made by
-    benchmarks/compile_configs.py) to within 2 %."""
+    committed full 36-layer compile's FLOPs and argument bytes (weights and KV cache;
+    benchmarks/results/compile, made by benchmarks/compile_configs.py) to within 2 %. (Temporary
+    memory is not linear in depth: XLA reuses buffers across layers.)"""
     full = json.loads((ROOT / "benchmarks/results/compile/pod_v5p64_mtgrpo_3task.json")
                       .read_text())
     reps = []
@@ -227,10 +228,11 @@ def test_pod_config_layer_reduced_compiles_extrapolate_to_the_committed_full_one
     assert one["topology"] == full["topology"] == "v5p:2x4x4" and one["chips"] == 32
     assert one["model"]["full_num_layers"] == full["model"]["num_layers"] == 36
     for prog in ("prefill", "decode"):
-        for key in ("flops_per_chip", "total_bytes_per_chip"):
-            a, b = one["programs"][prog][key], two["programs"][prog][key]
-            predicted = a + 35 * (b - a)
-            assert predicted == pytest.approx(full["programs"][prog][key], rel=0.02), (prog, key)
+        for key in ("flops_per_chip", "argument_bytes"):
+            get = lambda rep, k=key, g=prog: (rep["programs"][g][k] if k == "flops_per_chip"  # noqa: E731
+                                              else rep["programs"][g]["memory"][k])
+            predicted = get(one) + 35 * (get(two) - get(one))
+            assert predicted == pytest.approx(get(full), rel=0.02), (prog, key)
 
 
 # ---- config --------------------------------------------------------------------------------------
