@@ -49,7 +49,7 @@ from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.rollout import sampler as sampler_lib
 from jaxgrpo.train import batch as batch_lib
 from jaxgrpo.train import loop
-from jaxgrpo.train.flops import hlo_matmul_flops, jaxpr_has_while, jaxpr_matmul_flops
+from jaxgrpo.train.flops import hlo_matmul_flops, jaxpr_matmul_flops
 from jaxgrpo.train.state import ModelParts
 from jaxgrpo.train.step import make_train_step
 
@@ -559,8 +559,9 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
             try:
                 with jax.default_device(devices[0]):
                     traced = prog.trace()
-                    # A while loop's trip count is unknown in the jaxpr: no global figure then.
-                    global_flops = (None if jaxpr_has_while(traced.jaxpr)
+                    # The sampler's decode loop stops when every row is done: its jaxpr cannot
+                    # know the trip count the HLO bound gives, so it has no global figure.
+                    global_flops = (None if prog.name == "generate"
                                     else jaxpr_matmul_flops(traced.jaxpr))
                     lowered = traced.lower()
                 t1 = time.perf_counter()

@@ -19,7 +19,7 @@ import functools
 import math
 import re
 
-__all__ = ["hlo_matmul_flops", "jaxpr_has_while", "jaxpr_matmul_flops"]
+__all__ = ["hlo_matmul_flops", "jaxpr_matmul_flops"]
 
 
 # ---- jaxpr (global shapes) ----------------------------------------------------------------------
@@ -72,14 +72,6 @@ def jaxpr_matmul_flops(jaxpr) -> float:
             inner *= math.prod(eqn.params["mesh"].shape.values())
         total += inner
     return total
-
-
-def jaxpr_has_while(jaxpr) -> bool:
-    """Whether the jaxpr holds a ``while`` loop (whose trip count it cannot know), at any depth."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    return any(eqn.primitive.name == "while"
-               or any(jaxpr_has_while(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
-               for eqn in jaxpr.eqns)
 
 
 # ---- compiled HLO (one device) ------------------------------------------------------------------
