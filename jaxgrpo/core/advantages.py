@@ -261,7 +261,7 @@ def blockwise(
     ``std_normalize`` (off in all the paper's experiments, "optional ... as in GRPO") divides by
     (sigma + eps), where sigma is the population std (ddof 0, as the paper's GRPO) over the same set
     the baseline averages: the batch, the group, or the stratum (per-stratum sigma, our reading of
-    the spec's §10.1 recommendation, like Stratified GRPO). For ``"ocb_loo"`` it is the stratum
+    a recommended refinement, like Stratified GRPO). For ``"ocb_loo"`` it is the stratum
     std; for ``"ocb_shrink"`` sigma^2 = lam * sigma_S^2 + (1 - lam) * sigma_group^2; for
     ``"none"`` it is the root mean square of r over the batch (the spread about the baseline 0).
 

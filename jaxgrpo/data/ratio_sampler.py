@@ -33,7 +33,7 @@ Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. O
    groups, flagged in ``StepResult.padded``, to keep JAX shapes static (under the lenient
    filters they have zero advantage; under ``"strict"`` mask them with ``padded``).
 
-Defaults follow the spec's suggestions: paper Alg. 2 with ``M_os = 3``, AAS on with ``M_acc =
+Defaults follow the suggested settings: paper Alg. 2 with ``M_os = 3``, AAS on with ``M_acc =
 5`` (§9.8), ``rho`` EMA 0.9, 10 rounds, the zero-variance (``"lenient"``) filter (§9.10).
 
 When the cap is not hit and the targets sum to ``B``, the realised per-task counts equal the
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Ablation GRPO_RPS (§7.3): DAPO plus ratio preservation and AAS; pass uniform weights.
     "grpo_rps": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=True,
                      max_inflation=5.0),
-    # MT-GRPO with the spec's suggested defaults (paper Alg. 2, AAS on per §9.8).
+    # MT-GRPO with the suggested defaults (paper Alg. 2, AAS on).
     "mt_grpo": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=True,
                     max_inflation=5.0, schedule="paper", target_mode="multinomial"),
     # The released Exp. 1 scripts: strict filter, 10 rounds in all, no AAS, code schedule.
