@@ -80,17 +80,25 @@ def test_one_update_equals_sgd_on_the_full_batch_loss(agg):
     assert int(new_state.step) == 1
 
 
+def _updated_params(cfg, batch):
+    parts, tx, state = _setup(cfg)
+    new_state, _ = make_train_step(parts, tx, cfg)(state, batch)
+    return jax.tree.leaves(new_state.params)
+
+
+def _assert_all_close(outs):
+    for other in outs[1:]:
+        for a, e in zip(other, outs[0], strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+
+
 def test_microbatches_do_not_change_the_update():
     b = jax.tree.map(jnp.asarray, _batch(seed=3))
     outs = []
     for micro in (1, 2, 4, 8):
         cfg = StepConfig(microbatches=micro, num_minibatches=1, epochs=2, logprob_chunk=4)
-        parts, tx, state = _setup(cfg)
-        new_state, _ = make_train_step(parts, tx, cfg)(state, b)
-        outs.append(jax.tree.leaves(new_state.params))
-    for other in outs[1:]:
-        for a, e in zip(other, outs[0], strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+        outs.append(_updated_params(cfg, b))
+    _assert_all_close(outs)
 
 
 def test_non_finite_update_is_skipped_and_counted():
@@ -169,12 +177,8 @@ def test_row_shards_keep_the_update_exact():
     outs = []
     for shards in (1, 2, 4):
         cfg = StepConfig(microbatches=2, row_shards=shards, shuffle=False, logprob_chunk=4)
-        parts, tx, state = _setup(cfg)
-        new_state, _ = make_train_step(parts, tx, cfg)(state, b)
-        outs.append(jax.tree.leaves(new_state.params))
-    for other in outs[1:]:
-        for a, e in zip(other, outs[0], strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+        outs.append(_updated_params(cfg, b))
+    _assert_all_close(outs)
     cfg = StepConfig(num_minibatches=2, num_tasks=8, shuffle=False, logprob_chunk=4)
     parts, tx, state = _setup(cfg)
     tb = batch_lib.TrainBatch(**{**b.__dict__, "task_ids": jnp.arange(8)})
