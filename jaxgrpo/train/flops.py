@@ -79,6 +79,7 @@ def jaxpr_matmul_flops(jaxpr) -> float:
 _COMP_RE = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s"
                        r"(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)(?P<attrs>.*)$")
+_END_RE = re.compile(r"^\}(?:,\s*[a-z_]+=.*)?\s*$")
 _SHAPE_RE = re.compile(r"^[a-z]+\d*\[(?P<dims>[\d,]*)\]")
 
 
@@ -101,7 +102,10 @@ def _parse(hlo_text: str):
             if line.lstrip().startswith("ENTRY"):
                 entry = current
             continue
-        if current is not None and line.strip() == "}":
+        # A computation ends at a ``}`` in column 0, possibly with attributes after it (``},
+        # execution_thread="sparsecore"`` on TPU).
+        # (A multi-line custom call's backend config has continuation lines starting ``}}``.)
+        if current is not None and _END_RE.match(line):
             current = None
             continue
         if current is not None:
@@ -111,28 +115,79 @@ def _parse(hlo_text: str):
     return comps, entry
 
 
-def _trip_count(attrs: str, cond: list, comps: dict) -> int | None:
-    """A while loop's trip count: XLA's ``known_trip_count`` when it states one, else the ``N``
-    of a ``counter < N`` condition with a constant ``N`` (the form ``lax.scan`` lowers to)."""
+def _args(ins) -> list[str]:
+    return [a.strip().lstrip("%") for a in ins["args"].split(",") if a.strip()]
+
+
+def _const(ins) -> int | None:
+    if ins is None or ins["op"] != "constant":
+        return None
+    c = re.fullmatch(r"\s*(-?\d+)\s*", ins["args"])
+    return int(c.group(1)) if c else None
+
+
+def _through(name: str, by_name: dict):
+    """The instruction ``name`` stands for, looking through copies and bitcasts."""
+    ins = by_name.get(name)
+    while ins is not None and ins["op"] in ("copy", "bitcast", "convert") and _args(ins):
+        ins = by_name.get(_args(ins)[0])
+    return ins
+
+
+def _tuple_index(ins) -> int | None:
+    m = re.search(r"index=(\d+)", ins["attrs"]) if ins is not None else None
+    return int(m.group(1)) if m and ins["op"] == "get-tuple-element" else None
+
+
+def _trip_count(attrs: str, cond: list, comps: dict, body: list | None = None,
+                init=None, caller: dict | None = None) -> int | None:
+    """A while loop's trip count: XLA's ``known_trip_count`` when it states one, else that of a
+    ``counter < N`` condition with a constant ``N`` (the form ``lax.scan`` lowers to), the
+    counter starting from its constant initial value in ``init`` (the loop's operand, a tuple in
+    ``caller``; 0 when not constant) and stepping by the constant the body adds to it (1 when not
+    found; the TPU compiler's bidirectional windowed matmuls step by 2)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
     if m:
         return int(m.group(1))
-    consts = {}
-    for ins in cond:
-        if ins["op"] == "constant":
-            c = re.fullmatch(r"\s*(-?\d+)\s*", ins["args"])
-            if c:
-                consts[ins["name"]] = int(c.group(1))
+    by_name = {ins["name"]: ins for ins in cond}
+    bound, counter = None, None
     for ins in cond:
         called = re.findall(r"calls=%([\w.\-]+)", ins["attrs"])
         lt = ("direction=LT" in ins["attrs"] if ins["op"] == "compare" else
               any("direction=LT" in i["attrs"] for c in called for i in comps.get(c, [])
                   if i["op"] == "compare"))
-        if lt:
-            for a in (x.strip().lstrip("%") for x in ins["args"].split(",")):
-                if a in consts:
-                    return consts[a]
-    return None
+        if not lt:
+            continue
+        for a in _args(ins):
+            src = _through(a, by_name)
+            if _const(src) is not None and bound is None:
+                bound = _const(src)
+            elif _tuple_index(src) is not None:
+                counter = _tuple_index(src)
+        if bound is not None:
+            break
+    if bound is None:
+        return None
+    start, step = 0, 1
+    if counter is not None and body:
+        body_by_name = {ins["name"]: ins for ins in body}
+        root = body[-1]
+        if root["op"] == "tuple" and counter < len(_args(root)):
+            nxt = _through(_args(root)[counter], body_by_name)
+            called = re.search(r"calls=%([\w.\-]+)", nxt["attrs"]) if nxt is not None else None
+            wrapped = (nxt is not None and nxt["op"] == "fusion" and called is not None
+                       and comps.get(called.group(1), [{}])[-1].get("op") == "add")
+            if nxt is not None and (nxt["op"] == "add" or wrapped):  # a fusion of one add too
+                srcs = [_through(a, body_by_name) for a in _args(nxt)]
+                if any(_tuple_index(x) == counter for x in srcs):
+                    steps = [_const(x) for x in srcs if _const(x) is not None]
+                    step = steps[0] if steps and steps[0] > 0 else 1
+    if counter is not None and init is not None and caller is not None:
+        tup = _through(init, caller)
+        if tup is not None and tup["op"] == "tuple" and counter < len(_args(tup)):
+            first = _const(_through(_args(tup)[counter], caller))
+            start = first if first is not None else 0
+    return max(0, -(-(bound - start) // step))
 
 
 @functools.cache
@@ -202,8 +257,9 @@ def _conv_macs(lhs, rhs, out, attrs: str) -> float | None:
 def hlo_matmul_flops(hlo_text: str) -> tuple[float, int]:
     """``(matmul FLOPs, loops whose trip count was not found)`` of an optimised HLO module.
 
-    Every ``while`` body counts as many times as its condition's ``counter < N`` constant says
-    (the form ``lax.scan`` lowers to; loops of another form count once and are reported);
+    Every ``while`` body counts as many times as its trip count (:func:`_trip_count`: from
+    ``counter < N``, the counter's start and step; loops of another form count once and are
+    reported);
     fusions, calls and conditionals (costliest branch) are followed.
     """
     comps, entry = _parse(hlo_text)
@@ -214,6 +270,7 @@ def hlo_matmul_flops(hlo_text: str) -> tuple[float, int]:
             return memo[name]
         memo[name] = (0.0, 0)  # cycles (none in HLO) end here
         shapes = {ins["name"]: _dims(ins["type"]) for ins in comps.get(name, [])}
+        by_name = {ins["name"]: ins for ins in comps.get(name, [])}
         total, unknown = 0.0, 0
         for ins in comps.get(name, []):
             op, attrs = ins["op"], ins["attrs"]
@@ -232,7 +289,9 @@ def hlo_matmul_flops(hlo_text: str) -> tuple[float, int]:
             elif op == "while":
                 body = re.search(r"body=%([\w.\-]+)", attrs)
                 cond = re.search(r"condition=%([\w.\-]+)", attrs)
-                trips = _trip_count(attrs, comps.get(cond.group(1), []) if cond else [], comps)
+                trips = _trip_count(attrs, comps.get(cond.group(1), []) if cond else [], comps,
+                                    body=comps.get(body.group(1)) if body else None,
+                                    init=args[0] if args else None, caller=by_name)
                 if trips is None:
                     unknown, trips = unknown + 1, 1
                 if body:

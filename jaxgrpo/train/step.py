@@ -94,7 +94,10 @@ def token_logprobs_fn(parts: ModelParts, chunk: int):
 
     def fn(params, tokens, attn):
         model = parts.merge(params)
-        hidden = model(tokens[:, :-1], mask=attn[:, :-1], return_hidden=True)
+        # The forward runs over all T positions and drops the last one's hidden state: causal
+        # attention makes positions 0..T-2 the same either way, and T (a prompt bucket plus the
+        # response budget) is what the attention kernels' block sizes divide, T-1 is not.
+        hidden = model(tokens, mask=attn, return_hidden=True)[:, :-1]
         return chunked_token_logprobs(
             hidden, model.unembedding(), tokens[:, 1:], chunk_size=chunk, return_entropy=True
         )

@@ -276,3 +276,36 @@ def test_compile_reads_hf_config_when_path_is_absent(tmp_path, monkeypatch):
     mcfg, _ = model_config(shipped)
     assert (mcfg.num_layers, mcfg.num_kv_heads, mcfg.rope_type) == (32, 8, "llama3")
     assert mcfg.num_params == pytest.approx(8.03e9, rel=1e-3)
+
+
+def test_train_step_runs_splash_attention_on_tpu_when_t_is_a_block_multiple(tmp_path):
+    """The step's forward covers all ``T = Tp + Tc`` positions (a block multiple), not ``T - 1``:
+    traced for a TPU, its attention is the splash kernel, with no fallback to the chunked one."""
+    import warnings
+
+    import jax
+
+    from jaxgrpo import sharding as shd
+    from jaxgrpo.config import load_config
+    from jaxgrpo.train import aot
+
+    try:
+        devices = aot.topology_devices("v5p:2x2x2")
+    except Exception as exc:  # libtpu missing or unusable
+        pytest.skip(f"TPU compilation unavailable: {exc}")
+    hf = dict(TINY_HF, hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
+              head_dim=128)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = load_config(None, [f"model.hf_config={tmp_path / 'config.json'}", "model.preset=null",
+                             "model.attention=splash", "model.attention_block=128",
+                             "rollout.prompt_buckets=[64]", "rollout.max_new_tokens=64",
+                             "rollout.group_size=4", "tasks.prompts_per_step=8",
+                             "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+                      check_paths=False)
+    mesh = shd.make_mesh(cfg.mesh, devices=devices)
+    mcfg, _ = aot.model_config(cfg)
+    (prog,), _ = aot.build_programs(cfg, mcfg, mesh, aot.task_names(cfg), ("train_step",))
+    with warnings.catch_warnings(), jax.set_mesh(mesh), jax.default_device(devices[0]):
+        warnings.simplefilter("error")  # a fallback to 'chunked' warns
+        text = prog.trace().lower().as_text()
+    assert "tpu_custom_call" in text

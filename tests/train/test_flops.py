@@ -1,5 +1,7 @@
 """Matmul FLOP counters over loops: the jaxpr (global) and the compiled HLO (per device)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,60 @@ def test_window_counting_against_a_loop():
                    if 0 <= p * stride + k * rd - lo < length
                    and (p * stride + k * rd - lo) % ld == 0)
         assert _window_pairs(size, window, stride, lo, ld, rd, out) == want
+
+
+def test_loop_trip_count_follows_the_counters_start_and_step():
+    """A ``counter < N`` loop whose counter starts at 1 and steps by 2 (the form of the TPU
+    compiler's bidirectional windowed matmuls) runs ceil((9 - 1) / 2) = 4 bodies."""
+    w = jax.ShapeDtypeStruct((D, D), jnp.float32)
+    x = jax.ShapeDtypeStruct((B, D), jnp.float32)
+
+    def f(w, x):
+        return jax.lax.while_loop(lambda c: c[0] < 9, lambda c: (c[0] + 2, jnp.tanh(c[1] @ w)),
+                                  (jnp.int32(1), x))[1]
+
+    text = jax.jit(f).lower(w, x).compile().as_text()
+    # Without XLA's own trip-count annotation the counter alone must give it.
+    text = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+    assert hlo_matmul_flops(text) == (4 * 2.0 * B * D * D, 0)
+
+
+_SPARSECORE_HLO = """HloModule m
+
+%sc_fusion (p0: f32[3]) -> f32[3] {
+  ROOT %p0 = f32[3]{0} parameter(0)
+}, execution_thread="sparsecore"
+
+%after_sc (a: f32[8,16], b: f32[16,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,16]{1,0} parameter(1)
+  ROOT %d = f32[8,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%kernel_caller (p1: f32[8,16]) -> f32[8,16] {
+  %p1 = f32[8,16]{1,0} parameter(0)
+  ROOT %cc = f32[8,16]{1,0} custom-call(%p1), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "x", "cost": {
+}}, metadata={op_name="kernel"}
+}
+
+%after (a: f32[8,16], b: f32[16,32]) -> f32[8,32] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,32]{1,0} parameter(1)
+  ROOT %d = f32[8,32]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: f32[8,16], y: f32[16,32]) -> f32[8,32] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %y = f32[16,32]{1,0} parameter(1)
+  %s = f32[16,16]{1,0} constant({...})
+  %k0 = f32[8,16]{1,0} call(%x, %s), to_apply=%after_sc
+  %k = f32[8,16]{1,0} call(%k0), to_apply=%kernel_caller
+  ROOT %c = f32[8,32]{1,0} call(%k, %y), to_apply=%after
+}
+"""
+
+
+def test_computations_after_sparsecore_ones_and_multiline_custom_calls_are_read():
+    """A computation may close with ``}, execution_thread=...`` and a custom call's backend
+    config may span lines starting with ``}}``: neither hides the computations after them."""
+    assert hlo_matmul_flops(_SPARSECORE_HLO) == (2.0 * 8 * 16 * 16 + 2.0 * 8 * 16 * 32, 0)
