@@ -35,6 +35,10 @@ RUNS = {
         "configs/mtgrpo_3task_qwen2p5_3b.yaml", "v5p:2x2x4", ["mesh.fsdp=8", "mesh.tensor=2"],
         "v5p-32 (16 chips): fsdp 8 x tensor 2, the largest data-parallel size that divides the "
         "8-prompt minibatch"),
+    "mtgrpo_3task_qwen2p5_3b_v5p16": (
+        "configs/mtgrpo_3task_qwen2p5_3b.yaml", "v5p:2x2x2", [],
+        "v5p-16 (8 chips), the config's own mesh (fsdp over every chip; 8 divides the 8-prompt "
+        "minibatch)"),
     "mtgrpo_9task_qwen2p5_3b_v5p32": (
         "configs/mtgrpo_9task_qwen2p5_3b.yaml", "v5p:2x2x4", [],
         "v5p-32 (16 chips), the config's own mesh (fsdp over every chip)"),
