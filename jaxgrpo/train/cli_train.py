@@ -24,8 +24,6 @@ def run(args) -> int:
         summary = loop.run(cfg, resume=args.resume)
     except NonFiniteError as e:
         return fail(str(e))
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(format_summary(summary), file=sys.stdout)
     return 0
 
