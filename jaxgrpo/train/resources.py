@@ -11,18 +11,20 @@ model's dimensions alone (nothing allocated):
   ``R x L x 2 x Hkv x (Tp + max_new_tokens) x Dh`` in ``model.dtype`` and the float32 logits
   ``R x V`` (twice: logits and sampling probabilities);
 - **train**: one micro-batch of ``P*G / (loss.minibatches * loss.micro_batches)`` rows of
-  ``T = Tp + max_new_tokens`` tokens: float32 logits, log-softmax and their gradient
-  ``3 x rows x T x V`` plus the activations kept for the backward pass
-  (``rows x T x L x (12 D + 3 F)`` float32);
+  ``T = Tp + max_new_tokens`` tokens: one chunk of float32 logits, log-softmax and their
+  gradient ``3 x max(256, rows) x V`` (log-probs are chunked) plus the activations kept for
+  the backward pass (``rows x T x L x (12 D + 3 F)`` float32; with ``model.remat`` each
+  block's input and one block's);
 - **host**: the step's prompt pool on the host (every round's tokens, masks, log-probs and
   rewards, about 16 bytes a token per row, plus about 1 KB of Python records per prompt).
 
-The peak is ``state + max(rollout, train) + host``. It is compared with the memory available:
-on CPU the host's available RAM (``/proc/meminfo``'s MemAvailable, ``psutil`` if installed, or
-``os.sysconf``); on accelerators each device's ``bytes_limit`` against the peak divided over
-the data-parallel devices. A run that cannot fit is refused with one line naming the keys and
-their values. The estimate is deliberately coarse (within a small factor): it exists to refuse
-sizes that cannot run, not to plan ones that nearly do (``jaxgrpo compile`` does that for TPUs).
+The peak is ``state + max(rollout, eval, train) + host``. On CPU (where every device shares
+the host's RAM) it is compared with the RAM available now (``/proc/meminfo``'s MemAvailable,
+``psutil`` if installed, or ``os.sysconf``), and a run that cannot fit is refused with one
+line naming the keys and their values. The estimate is coarse (within a small factor): it
+exists to refuse sizes that cannot run, not to plan ones that nearly do. On accelerators the
+per-chip figures come from compiling the real programs (``jaxgrpo compile``), so nothing is
+refused here.
 """
 
 from __future__ import annotations
@@ -83,7 +85,15 @@ def estimate(cfg: ExperimentConfig, mcfg) -> Estimate:
     ev, _ = sampler(cfg.tasks.eval_prompts, rc.eval_samples)
     n_rows = cfg.tasks.prompts_per_step * rc.group_size
     m_rows = max(n_rows // (lc.minibatches * lc.micro_batches), 1)
-    train = float(m_rows) * t * (3 * V * 4 + L * (12 * D + 3 * mcfg.intermediate_size) * 4)
+    # Log-probs are computed in chunks of about max(logprob_chunk, rows) logit rows
+    # (jaxgrpo.core.logprobs.chunked_token_logprobs): logits, softmax and their gradient.
+    from jaxgrpo.train.step import StepConfig
+
+    logit_rows = max(StepConfig.logprob_chunk, m_rows)
+    block = float(m_rows) * t * (12 * D + 3 * mcfg.intermediate_size) * 4  # one layer's
+    kept = (float(m_rows) * t * D * act * L + block if str(cfg.model.remat) != "none"
+            else block * L)  # remat keeps only each block's input
+    train = 3.0 * logit_rows * V * 4 + kept
     rounds = 1 if cfg.algo.name == Algo.GRPO and not cfg.algo.sampling.enabled else (
         cfg.algo.sampling.max_rounds)
     host = float(round_prompts) * rounds * (rc.group_size * t * 16 + 1024)
@@ -122,16 +132,10 @@ def check(cfg: ExperimentConfig, mcfg, *, devices=None) -> Estimate:
 
     devs = list(jax.devices() if devices is None else devices)
     est = estimate(cfg, mcfg)
-    limit, where = None, ""
-    share = 1
     if devs and devs[0].platform != "cpu":
-        stats = devs[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            limit, where = float(stats["bytes_limit"]), f"memory of one {devs[0].device_kind}"
-            share = max(cfg.data_parallel_size(len(devs)) or 1, 1)
-    if limit is None:
-        limit, where = available_bytes()
-    need = est.peak / share
+        return est  # `jaxgrpo compile` gives the per-chip figures
+    limit, where = available_bytes()
+    need = est.peak
     if need <= limit:
         return est
     rc, lc = cfg.rollout, cfg.loss
