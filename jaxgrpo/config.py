@@ -374,7 +374,7 @@ class LossConfig:
     minibatches: int = 1  # policy updates per epoch
     micro_batches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
     entropy_coef: float = 0.0
-    adaptive_entropy: bool = False  # Skywork-OR1 controller (BAE §7)
+    adaptive_entropy: bool = False  # Skywork-OR1 controller, as BAE uses it
     target_entropy: float = 0.2
     entropy_delta: float = 5e-4
     entropy_coef_max: float = 0.005
@@ -412,7 +412,8 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DynamicSamplingConfig:
-    """DAPO dynamic sampling / MT-GRPO ratio-preserving sampler rounds (mt-grpo.md §3)."""
+    """DAPO dynamic sampling / MT-GRPO ratio-preserving sampler rounds (MT-GRPO,
+    arXiv 2602.05547, §5, Alg. 2)."""
 
     enabled: bool = False
     oversample: float = 3.0  # M_os
@@ -439,10 +440,11 @@ class OverlongConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MTGRPOConfig:
-    """MT-GRPO task-weight update (IWU) and ratio-preserving sampler (mt-grpo.md §2, §3, §6.1)."""
+    """MT-GRPO task-weight update (IWU) and ratio-preserving sampler (MT-GRPO,
+    arXiv 2602.05547: Alg. 1-2, §5, App. E)."""
 
     lam: float = 0.2
-    adapt_weights: bool = True  # False: z stays uniform (the GRPO+RPS ablation, spec §7.3)
+    adapt_weights: bool = True  # False: z stays uniform (the GRPO+RPS ablation, paper App. D.2)
     weight_lr: float = 0.025
     weight_optimizer: WeightOptimizer = WeightOptimizer.ADAM_L2
     weight_decay: float = 1e-5

@@ -1,6 +1,6 @@
 """``jaxgrpo fidelity CONFIG [overrides] --model PATH --prompts N --G G --M M --out FILE.json``.
 
-The BAE fidelity study (``bae.md`` §4): for N held-out prompts of the config's (first) task,
+The BAE fidelity study (BAE, arXiv 2602.10231 §5.1): for N held-out prompts of the config's (first) task,
 which must be a structured ``confidence`` task, sample G solutions, then M confidence-block
 continuations from each fixed solution prefix, and print the RMSE (and bias) of each baseline's
 confidence-block advantage (none, batch mean, group mean, OCB, and the extensions ocb_loo /

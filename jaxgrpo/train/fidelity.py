@@ -1,4 +1,4 @@
-"""The fidelity study's rollouts (``bae.md`` §4): nested Monte-Carlo continuations of block 1.
+"""The fidelity study's rollouts (BAE, arXiv 2602.10231 §5.1): nested Monte-Carlo continuations of block 1.
 
 For each prompt, G completions are sampled with the jitted sampler and scored by the structured
 task. Each completion whose solution block is complete (an answer was parsed) is cut at the start
