@@ -161,9 +161,9 @@ def resolve_tasks(cfg: ExperimentConfig):
         specs = [(t.spec, t.options) for t in mix]
     tasks = {}
     for spec, options in specs:
-        try:  # the task name and options come from the config
+        try:  # the task name and options come from the config (or an extra is missing)
             tasks[spec] = get_task(spec, **options)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, ImportError) as e:
             raise InputError(f"tasks.mixture: {e}" if spec in str(e) else
                              f"tasks.mixture: task {spec!r}: {e}") from e
     return list(ratios), tasks, ratios

@@ -221,6 +221,21 @@ def test_internal_errors_keep_their_traceback_and_say_they_are_bugs(tmp_path):
     assert "this is a bug in jaxgrpo" in _lines(out.stderr)[-1]
 
 
+def test_a_missing_extra_is_one_line_with_the_install_hint(tmp_path):
+    """reasoning-gym absent (as after a plain `pip install jaxgrpo`): the rg tasks say which
+    extra to install, in one line, before anything is written."""
+    code = (
+        "import sys\n"
+        "sys.modules['reasoning_gym'] = None  # `import reasoning_gym` now raises ImportError\n"
+        "from jaxgrpo.cli import main\n"
+        "sys.exit(main(['train', 'tasks.mixture=[{name: rg_countdown, level: 1}]', "
+        f"'mesh.devices=1', 'train.workdir={tmp_path / 'run'}']))\n"
+    )
+    out = _python(code, cwd=tmp_path)
+    _one_line_error(out, "rg_countdown", "pip install 'jaxgrpo[tasks]'")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_real_run_refusal_eval_run_and_round_cap_warning(tmp_path):
     """One real (tiny) run: every dynamic-sampling step hits its round cap with the untrained
