@@ -448,25 +448,29 @@ class Heartbeat:
     Args:
       stream: where everything goes (default ``sys.stderr``).
       every_s: the longest silence, in seconds.
+      first_s: the silence before the first line (default ``every_s``).
       clock: seconds, monotonic (injectable for tests).
     """
 
     def __init__(self, stream: TextIO | None = None, *, every_s: float = 10.0,
-                 clock=time.monotonic, phase: str = "starting"):
+                 first_s: float | None = None, clock=time.monotonic, phase: str = "starting"):
         import threading
 
-        if not every_s > 0:
-            raise ValueError(f"every_s must be > 0, got {every_s!r}")
+        first_s = every_s if first_s is None else first_s
+        if not (every_s > 0 and 0 < first_s <= every_s):
+            raise ValueError(f"every_s must be > 0 and first_s in (0, every_s], got "
+                             f"{every_s!r}, {first_s!r}")
         self.stream = sys.stderr if stream is None else stream
         self.every_s, self.clock, self.phase = float(every_s), clock, phase
-        self._t0 = self._last = clock()
+        self._t0 = clock()
+        self._last = self._t0 - (self.every_s - first_s)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="jaxgrpo-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(min(1.0, self.every_s / 4)):
+        while not self._stop.wait(min(0.5, self.every_s / 4)):
             self.tick()
 
     def tick(self) -> bool:

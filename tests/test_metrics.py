@@ -319,3 +319,18 @@ def test_heartbeat_speaks_after_each_silence_and_passes_writes_through():
     M.set_phase(out, "ignored")  # a plain stream: nothing happens
     with pytest.raises(ValueError, match="every_s"):
         M.Heartbeat(out, every_s=0)
+    # The first line may come sooner than the rest (`jaxgrpo train` speaks after 2 s).
+    out, clock = io.StringIO(), _Clock()
+    with M.Heartbeat(out, every_s=10.0, first_s=2.0, clock=clock, phase="importing") as hb:
+        clock.t = 1.9
+        hb.tick()
+        assert out.getvalue() == ""
+        clock.t = 2.0
+        hb.tick()
+        assert out.getvalue() == "[jaxgrpo] importing ... (0:02 since start)\n"
+        clock.t = 11.9
+        hb.tick()
+        assert out.getvalue().count("\n") == 1
+        clock.t = 12.0
+        hb.tick()
+        assert out.getvalue().count("\n") == 2

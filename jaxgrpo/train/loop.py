@@ -441,11 +441,14 @@ def run(
     check_resources(cfg)
     mesh = shd.make_mesh(cfg.mesh)
     lead = jax.process_index() == 0
-    # The lead process says what it is doing at least every 10 s (compiles included).
-    beat = metrics_lib.Heartbeat(stream, phase="setting up") if lead else None
+    # The lead process says what it is doing at least every 10 s (compiles included); a
+    # caller's heartbeat (`jaxgrpo train` starts one before importing JAX) is carried on.
+    beat = None
+    if lead and not isinstance(stream, metrics_lib.Heartbeat):
+        stream = beat = metrics_lib.Heartbeat(stream)
+    metrics_lib.set_phase(stream, "setting up")
     try:
-        if beat is not None:
-            stream = beat
+        if lead:
             print(f"[jaxgrpo] train: {cfg.train.steps} RL steps, run files in "
                   f"{cfg.train.workdir}", file=stream, flush=True)
         with jax.set_mesh(mesh):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -36,11 +37,17 @@ def _python(code: str, *, cwd):
                           text=True, timeout=300)
 
 
+# The trainer's timed progress line ("[jaxgrpo] <what is running> ... (0:02 since start)"),
+# which a slow start prints before the error: not part of the error.
+PROGRESS = re.compile(r"^\[jaxgrpo\] .* \.\.\. \(\d+:\d\d since start\)$")
+
+
 def _lines(text: str) -> list[str]:
     # libtpu, when installed, may print its own start-up warnings: not jaxgrpo's output.
     noise = ("WARNING: Logging before InitGoogle", "TPU", "=== Source Location", "learning/",
              "E0000 ", "W0000 ")
-    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(noise)]
+    return [ln for ln in text.splitlines()
+            if ln.strip() and not ln.startswith(noise) and not PROGRESS.match(ln)]
 
 
 def _one_line_error(out, *needles):
