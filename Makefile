@@ -7,20 +7,28 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test test-fast lint clean
 
+# Quiet steps (venv, pip -q) print a line every 10 s while they run.
+PROGRESS := sh scripts/with_progress.sh
+
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PROGRESS) "creating the virtualenv $(VENV) (first run only)" $(PY) -m venv $(VENV)
+	$(PROGRESS) "upgrading pip in $(VENV)" $(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(PROGRESS) "installing jaxgrpo and its dependencies (jax, flax, ...: about 1 GB, a minute \
+	on the first run)" $(BIN)/pip install -q -e .
 	touch $@
 
 $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[all]"
+	$(PROGRESS) "installing jaxgrpo with every extra (test, hf with torch CPU, tasks, \
+	notebooks: a few minutes on the first run)" $(BIN)/pip install -q -e ".[all]"
 	touch $@ $(VENV)/.installed-base
 
 ## Run the main job: the built-in demo (tiny model, SFT warm start, GRPO on 3 tasks).
-demo: $(VENV)/.installed-base
+demo:
+	@echo "[make] jaxgrpo demo: set-up first (a virtualenv in $(VENV), skipped when present), \
+	then about 6 minutes of training on a 2-core CPU"
+	@$(MAKE) --no-print-directory $(VENV)/.installed-base
 	$(BIN)/jaxgrpo train train.workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 ## Run the whole test suite (what CI runs).

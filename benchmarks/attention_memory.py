@@ -58,7 +58,7 @@ def grad_temp_bytes(cfg: ModelConfig, rows: int, t: int, *, mesh=None, device=No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--tpu", action="store_true", help="compile for v5p:2x2x2 (per chip)")
     args = parser.parse_args()

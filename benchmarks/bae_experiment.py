@@ -18,7 +18,7 @@ Task: one- and two-digit addition in the compact confidence format ``<a>sum</a><
    samples each at T = 1: accuracy, ECE (the paper's 11 bins), Brier and AUROC over all (q, c)
    pairs, each with a bootstrap SE (1000 resamples). A completion without a parsable confidence
    counts as q = 0 (its share is reported as ``no_conf``).
-4. **Fidelity study** (``bae.md`` §4) on the RLCR-trained policy of the first seed (the paper's
+4. **Fidelity study** (the paper's §5.1, Fig. 1) on the RLCR-trained policy of the first seed (the paper's
    reference is RLCR-trained): N prompts, G solutions, M confidence continuations per solution.
 
 Writes ``results.json`` and ``results.md`` to ``--out`` and prints the tables. ``--smoke`` runs
@@ -175,7 +175,7 @@ def curves(workdir: pathlib.Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--smoke", action="store_true", help="toy sizes, every stage (CI)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/results/bae", help="output directory")

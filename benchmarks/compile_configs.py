@@ -80,7 +80,7 @@ def headline(rep: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--only", nargs="*", default=None, help="run names (default: all)")
     args = ap.parse_args(argv)
     names = args.only or list(RUNS)

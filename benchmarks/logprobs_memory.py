@@ -82,7 +82,7 @@ def measure_time(n: int, t: int, d: int, v: int, chunk_size: int, repeats: int) 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="small sizes only (CI smoke test)")
     parser.add_argument("--chunk-size", type=int, default=None, help="logit rows (sequences x positions) per chunk")
     args = parser.parse_args(argv)

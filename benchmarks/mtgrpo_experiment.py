@@ -1,4 +1,4 @@
-"""MT-GRPO at CPU scale: the paper's Exp. 1 protocol (spec mt-grpo §7.1, §7.3) on the demo mixture.
+"""MT-GRPO at CPU scale: the paper's Exp. 1 protocol (arXiv 2602.05547 §6, App. D.2) on the demo mixture.
 
 Usage (from the repository root):
     PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py [--out DIR] [--seeds 0 1 2 3 4]
@@ -358,7 +358,7 @@ def report(args) -> dict:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/mtgrpo_experiment"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))

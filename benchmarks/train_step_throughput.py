@@ -35,7 +35,7 @@ from rollout_throughput import matmul_peak  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--rows", type=int, default=16, help="sequences per step (N = P*G)")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--repeats", type=int, default=3)

@@ -28,8 +28,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgrpo import paths
+from jaxgrpo.config import InputError
 
-__all__ = ["Checkpointer", "rng_from_json", "rng_to_json"]
+__all__ = ["Checkpointer", "committed_steps", "rng_from_json", "rng_to_json"]
 
 _COMMIT_MARKER = "commit_success.txt"
 
@@ -67,6 +68,19 @@ def rng_from_json(obj: Mapping[str, Any]) -> jax.Array:
     if obj.get("impl") is None:
         return jax.numpy.asarray(data)
     return jax.random.wrap_key_data(data, impl=obj["impl"])
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """The committed steps under a checkpoint directory, ascending (none if it does not exist).
+
+    Only lists files: nothing is created, cleaned up or opened with orbax, so a command can
+    check a run's directory before it decides to touch it.
+    """
+    path = paths.as_path(directory)
+    if not path.is_dir():
+        return []
+    return sorted(int(c.name) for c in path.iterdir()
+                  if c.name.isdigit() and (c / _COMMIT_MARKER).is_file())
 
 
 def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
@@ -118,11 +132,7 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """Committed steps on disk, ascending (an in-flight or killed save is not listed)."""
-        steps = []
-        for child in self._path.iterdir():
-            if child.name.isdigit() and self._committed(int(child.name)):
-                steps.append(int(child.name))
-        return sorted(steps)
+        return committed_steps(self._path)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -183,8 +193,11 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except ValueError as e:
             detail = " ".join(str(e).split())
-            raise ValueError(f"checkpoint step {step} in '{self.directory}' does not match "
-                             f"abstract_state: {detail}") from e
+            if len(detail) > 300:
+                detail = detail[:300] + " ..."
+            raise InputError(f"checkpoint step {step} in '{self.directory}' does not match "
+                             "abstract_state (does the config, e.g. the model or loss.kl_coef, "
+                             f"differ from the run's config.yaml?): {detail}") from e
         return restored["state"], dict(restored["meta"])
 
     def restore_meta(self, step: int | None = None) -> dict:

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 # sub-command -> (module that defines ``add_arguments(parser)`` and ``run(args) -> int``, help)
 COMMANDS = {
@@ -27,12 +28,13 @@ COMMANDS = {
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="jaxgrpo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jaxgrpo", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)  # `--resum` is not `--resume`
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = argv[0] if argv else None
     module = None
     for name, (mod_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == chosen:
             try:
                 module = importlib.import_module(mod_name)
@@ -53,7 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         parser.print_help()
         return 0 if not argv else 2
-    return int(module.run(args) or 0)
+    from jaxgrpo.config import InputError, format_error
+
+    try:
+        return int(module.run(args) or 0)
+    except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        # What the user gave (a config, a file or directory it names): one line, what to fix.
+        print(format_error(e), file=sys.stderr)
+        return 2
+    except Exception:
+        # Anything else is a fault in jaxgrpo itself: keep the traceback, and say so.
+        traceback.print_exc()
+        print(f"jaxgrpo: internal error in `jaxgrpo {args.command}`: this is a bug in jaxgrpo, "
+              "not in your config or input; please report it with the command line and the "
+              "traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

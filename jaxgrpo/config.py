@@ -39,12 +39,22 @@ __all__ = [
     "ExperimentConfig", "LoggingConfig", "LossConfig", "MeshConfig", "ModelConfigSpec",
     "MTGRPOConfig",
     "OptimConfig", "OverlongConfig", "RolloutConfig", "SFTConfig", "TaskSpec", "TasksConfig",
-    "TrainConfig", "config_from_dict", "config_to_dict", "flatten_config", "format_error",
+    "TrainConfig", "InputError", "config_from_dict", "config_to_dict", "flatten_config",
+    "format_error",
     "load_config", "save_config", "split_cli_args", "validate",
 ]
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a file the config names, a run directory, a command-line flag),
+    as opposed to a bug: the message is one line that names the thing and what to fix, and the
+    command line prints it without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(InputError):
     """A bad configuration; the message is one line that names the key and what to fix."""
 
     def __init__(self, message: str):
@@ -364,7 +374,7 @@ class LossConfig:
     minibatches: int = 1  # policy updates per epoch
     micro_batches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
     entropy_coef: float = 0.0
-    adaptive_entropy: bool = False  # Skywork-OR1 controller (BAE §7)
+    adaptive_entropy: bool = False  # Skywork-OR1 controller, as BAE uses it
     target_entropy: float = 0.2
     entropy_delta: float = 5e-4
     entropy_coef_max: float = 0.005
@@ -402,7 +412,8 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DynamicSamplingConfig:
-    """DAPO dynamic sampling / MT-GRPO ratio-preserving sampler rounds (mt-grpo.md §3)."""
+    """DAPO dynamic sampling / MT-GRPO ratio-preserving sampler rounds (MT-GRPO,
+    arXiv 2602.05547, §5, Alg. 2)."""
 
     enabled: bool = False
     oversample: float = 3.0  # M_os
@@ -429,10 +440,11 @@ class OverlongConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MTGRPOConfig:
-    """MT-GRPO task-weight update (IWU) and ratio-preserving sampler (mt-grpo.md §2, §3, §6.1)."""
+    """MT-GRPO task-weight update (IWU) and ratio-preserving sampler (MT-GRPO,
+    arXiv 2602.05547: Alg. 1-2, §5, App. E)."""
 
     lam: float = 0.2
-    adapt_weights: bool = True  # False: z stays uniform (the GRPO+RPS ablation, spec §7.3)
+    adapt_weights: bool = True  # False: z stays uniform (the GRPO+RPS ablation, paper App. D.2)
     weight_lr: float = 0.025
     weight_optimizer: WeightOptimizer = WeightOptimizer.ADAM_L2
     weight_decay: float = 1e-5
@@ -761,6 +773,10 @@ def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
         _check_output_paths(cfg)
     if check_paths and cfg.model.path is not None:
         path = os.path.expanduser(cfg.model.path)
+        if os.path.isfile(path):
+            raise ConfigError(f"'model.path' {cfg.model.path!r} is a file, not a directory: give "
+                              f"the directory holding it ({os.path.dirname(path) or '.'!r}, an "
+                              "HF checkpoint: config.json + *.safetensors)")
         if not os.path.isdir(path):
             raise ConfigError(f"'model.path' {cfg.model.path!r} does not exist: give a local "
                               "directory holding an HF checkpoint (config.json + *.safetensors)")
@@ -772,7 +788,11 @@ def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
                           "without weights: set 'model.path' to a local HF checkpoint to run "
                           "(`jaxgrpo compile` needs only hf_config)")
     if check_paths and cfg.model.tokenizer is not None:
-        if not os.path.isdir(os.path.expanduser(cfg.model.tokenizer)):
+        tok = os.path.expanduser(cfg.model.tokenizer)
+        if os.path.isfile(tok):
+            raise ConfigError(f"'model.tokenizer' {cfg.model.tokenizer!r} is a file, not a "
+                              "directory: give the directory holding the tokenizer files")
+        if not os.path.isdir(tok):
             raise ConfigError(f"'model.tokenizer' {cfg.model.tokenizer!r} does not exist")
     dp = cfg.data_parallel_size(num_devices)
     if dp is not None:
@@ -943,10 +963,19 @@ def flatten_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if "://" in path:  # a run's config.yaml in a bucket (gs://...)
+        from jaxgrpo import paths
+
+        uri = paths.as_path(path)
+        if not uri.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text = uri.read_text()
+    elif not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist"
+                          + (" (it is a directory)" if os.path.isdir(path) else ""))
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

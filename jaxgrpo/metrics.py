@@ -436,6 +436,85 @@ class ProgressBar:
             self.stream.flush()
 
 
+class Heartbeat:
+    """A text stream that says what is running when nothing else has been printed for a while.
+
+    Wraps ``stream`` (writes pass through); a daemon thread prints
+    ``[jaxgrpo] <phase> ... (<elapsed>)`` whenever ``every_s`` seconds pass without a write, so
+    a long compile, SFT stretch or rollout is never silent. ``phase`` is a plain attribute the
+    caller updates as the run moves on (setting it prints nothing). Use as a context manager,
+    or call :meth:`close` to stop the thread.
+
+    Args:
+      stream: where everything goes (default ``sys.stderr``).
+      every_s: the longest silence, in seconds.
+      first_s: the silence before the first line (default ``every_s``).
+      clock: seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, every_s: float = 10.0,
+                 first_s: float | None = None, clock=time.monotonic, phase: str = "starting"):
+        import threading
+
+        first_s = every_s if first_s is None else first_s
+        if not (every_s > 0 and 0 < first_s <= every_s):
+            raise ValueError(f"every_s must be > 0 and first_s in (0, every_s], got "
+                             f"{every_s!r}, {first_s!r}")
+        self.stream = sys.stderr if stream is None else stream
+        self.every_s, self.clock, self.phase = float(every_s), clock, phase
+        self._t0 = clock()
+        self._last = self._t0 - (self.every_s - first_s)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="jaxgrpo-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(0.5, self.every_s / 4)):
+            self.tick()
+
+    def tick(self) -> bool:
+        """Prints the heartbeat line if ``every_s`` passed since the last write; returns
+        whether it did."""
+        with self._lock:
+            now = self.clock()
+            if now - self._last < self.every_s:
+                return False
+            self._last = now
+            self.stream.write(f"[jaxgrpo] {self.phase} ... ({_clock(now - self._t0)} "
+                              "since start)\n")
+            self.stream.flush()
+            return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._last = self.clock()
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Heartbeat:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def set_phase(stream, phase: str) -> None:
+    """``stream.phase = phase`` when ``stream`` is a :class:`Heartbeat` (otherwise nothing)."""
+    if isinstance(stream, Heartbeat):
+        stream.phase = phase
+
+
 # ---- per-task metrics and throughput ------------------------------------------------------------
 
 

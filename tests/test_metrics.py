@@ -292,3 +292,45 @@ def test_tensorboard_on_a_uri_uploads_the_event_file(fake_gcs):
     tb.write_scalars(8, {"loss/policy": 2.5})
     tb.close()  # everything queued is written, then uploaded
     assert _tb_scalars(remote) == [("loss/policy", 7, 1.5), ("loss/policy", 8, 2.5)]
+
+
+def test_heartbeat_speaks_after_each_silence_and_passes_writes_through():
+    out, clock = io.StringIO(), _Clock()
+    with M.Heartbeat(out, every_s=10.0, clock=clock, phase="compiling the train step") as hb:
+        clock.t = 9.0
+        hb.tick()
+        assert out.getvalue() == ""
+        clock.t = 10.0  # ten seconds of silence (the thread or this call prints it, once)
+        hb.tick()
+        hb.tick()
+        assert out.getvalue() == "[jaxgrpo] compiling the train step ... (0:10 since start)\n"
+        clock.t = 15.0
+        print("step 1/200", file=hb)  # any write restarts the silence
+        clock.t = 24.0
+        hb.tick()
+        assert out.getvalue().splitlines()[-1] == "step 1/200"
+        hb.phase = "RL step 2/200: rollouts"
+        clock.t = 25.0
+        hb.tick()
+        assert out.getvalue().splitlines()[-1] == (
+            "[jaxgrpo] RL step 2/200: rollouts ... (0:25 since start)")
+        assert not hb.isatty()
+    assert not hb._thread.is_alive()
+    M.set_phase(out, "ignored")  # a plain stream: nothing happens
+    with pytest.raises(ValueError, match="every_s"):
+        M.Heartbeat(out, every_s=0)
+    # The first line may come sooner than the rest (`jaxgrpo train` speaks after 2 s).
+    out, clock = io.StringIO(), _Clock()
+    with M.Heartbeat(out, every_s=10.0, first_s=2.0, clock=clock, phase="importing") as hb:
+        clock.t = 1.9
+        hb.tick()
+        assert out.getvalue() == ""
+        clock.t = 2.0
+        hb.tick()
+        assert out.getvalue() == "[jaxgrpo] importing ... (0:02 since start)\n"
+        clock.t = 11.9
+        hb.tick()
+        assert out.getvalue().count("\n") == 1
+        clock.t = 12.0
+        hb.tick()
+        assert out.getvalue().count("\n") == 2

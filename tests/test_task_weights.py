@@ -1,4 +1,5 @@
-"""The optax step on MT-GRPO task logits vs a NumPy transcription of spec mt-grpo.md §2."""
+"""The optax step on MT-GRPO task logits vs a NumPy transcription of the paper's Subroutine 1
+(arXiv 2602.05547) and the released code."""
 
 import functools
 import math

@@ -459,7 +459,7 @@ def block_token_weights(
     w[n, t] = w_k / |T_k(n)| for the block k = block_ids[n, t], where |T_k(n)| is the number of
     block k's tokens in sequence n, and 0 for tokens in no block (id -1 or outside 0..K-1). So
     sum_t w[n, t] * loss[n, t] = sum_k w_k * mean_{t in T_k(n)} loss[n, t]: a token mean within
-    each block, summed over blocks ([P] §4.2). An empty block (e.g. a completion truncated before
+    each block, summed over blocks (the paper's §4.2). An empty block (e.g. a completion truncated before
     its confidence block) has no tokens, so it contributes nothing and nothing divides by zero.
     The loss then averages over sequences (``policy_loss(..., token_weights=w, agg="block_mean")``).
 

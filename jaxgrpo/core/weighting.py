@@ -15,7 +15,7 @@ the autograd gradient of ``<softmax(w), s>``). Descent lowers the weight of task
 ``s_k`` is above the weighted average, so a task gains weight when it is both under-performing
 (low ``J_k``) and under-improving (low ``I_k``).
 
-Signals, as the released code computes them (spec mt-grpo.md §2.2, §9):
+Signals, as the authors' released code computes them (where it departs from the paper's text):
 
 * ``J_k`` (:func:`task_accuracy` then :func:`ema_update`, decay 0.5, started at 0): per-task
   rate of *correct* training rollouts (reward >= 1 - 1e-6; format-only credit does not count),
@@ -397,7 +397,9 @@ def sequence_weights_from_tasks(
     mode: str = "none",
     valid: jax.Array | None = None,
 ) -> jax.Array:
-    """Per-sequence loss weights from the task weights ``z`` (spec mt-grpo.md §4).
+    """Per-sequence loss weights from the task weights ``z`` (MT-GRPO,
+    arXiv 2602.05547: Eq. 6 weights the per-task gradients by z; Alg. 1 and the released code
+    use z only as sampling proportions).
 
     In MT-GRPO the weights act **only through sampling** (the ratio-preserving sampler builds a
     batch whose task shares follow ``z``) and the loss is the plain, unweighted token-mean:

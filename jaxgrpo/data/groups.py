@@ -1,5 +1,5 @@
 """What the ratio-preserving sampler consumes and returns: rollout groups, the zero-gradient
-filter, and the per-step result with its metrics (spec mt-grpo §3)."""
+filter, and the per-step result with its metrics (MT-GRPO, arXiv 2602.05547, §5)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class Group:
 
 
 def is_filtered(rewards: Sequence[float], mode: str, *, correct: float = 1.0 - 1e-6) -> bool:
-    """Whether the zero-gradient filter drops a group (spec mt-grpo §3.1, §3.2, §9.10).
+    """Whether the zero-gradient filter drops a group (MT-GRPO,
+    arXiv 2602.05547 §5, Alg. 2, and the released code).
 
     Modes: ``"lenient"`` drops groups whose rewards are all equal (zero advantage; DAPO dynamic
     sampling, the best reading of Exp. 2); ``"strict"`` also drops groups with no reward

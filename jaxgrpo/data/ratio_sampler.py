@@ -1,13 +1,14 @@
 """MT-GRPO's ratio-preserving sampler (RPS), with GRPO and DAPO dynamic sampling as settings.
 
-Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. One ``run_step``:
+MT-GRPO, arXiv 2602.05547: §5, Alg. 2 and the authors' released code (where they differ,
+both). One ``run_step``:
 
 1. **Targets** ``n_k`` (post-filter prompts per task, ``target_mode``): ``"multinomial"``
-   ``n ~ Multinomial(B, z)`` (paper §3.1 line 1); ``"scaled"`` ``round(B * ref_k / R)`` with
-   ``ref ~ Multinomial(R, z)``, ``R`` the round size (code §3.2, §9.6; may not sum to ``B``;
+   ``n ~ Multinomial(B, z)`` (paper Alg. 2 line 1); ``"scaled"`` ``round(B * ref_k / R)`` with
+   ``ref ~ Multinomial(R, z)``, ``R`` the round size (the released code; may not sum to ``B``;
    without AAS ``ref`` is round 1's own draw, as in the code);
    ``"exact"`` ``largest_remainder(z, B)`` (deterministic, as ``TaskSampler``).
-2. **Inflation** (acceptance-aware sampling, AAS, §3.1 line 2): ``m_k = min(1/(1-rho_k),
+2. **Inflation** (acceptance-aware sampling, AAS, Alg. 2 line 2): ``m_k = min(1/(1-rho_k),
    max_inflation)``; ``max_inflation=1`` turns AAS off. Recomputed each round from the current
    ``rho`` (the code's behaviour).
 3. **Rounds.** Each round requests ``R = ceil(oversample * B)`` prompts (rounded up to
@@ -15,17 +16,19 @@ Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. O
    (``"multinomial"``, paper and code, or ``"exact"`` largest remainder) from a distribution
    ``p``; ``generate`` rolls them out; the zero-advantage ``filter`` drops groups; ``rho_k``
    takes one EMA step per round for every task generated in it: ``rho = d*rho + (1-d)*filtered
-   fraction`` (``rho_decay`` d = 0.9, from 0; §9.17). Round 1 uses ``p ∝ z*m``. Another round
+   fraction`` (``rho_decay`` d = 0.9, from 0, as the released code). Round 1 uses ``p ∝ z*m``.
+   Another round
    runs while the batch is short and fewer than ``max_rounds`` rounds (the first included: the
    code's ``max_num_gen_batches``; the paper's ``N_rs`` extra rounds is ``max_rounds = N_rs +
-   1``, §9.7) were run; "short" and the next ``p`` depend on ``schedule``:
+   1``) were run; "short" and the next ``p`` depend on ``schedule``:
 
    * ratios not preserved (GRPO, DAPO): short = fewer than ``B`` accepted; ``p ∝ z*m``.
    * ``schedule="paper"`` (Alg. 2 line 7): short = some deficit ``def_k = max(n_k - c_k, 0) >
      0``; ``p ∝ def*m``.
-   * ``schedule="code"`` (§3.2): while fewer than ``B`` accepted, ``p ∝ z*m``; then, while some
+   * ``schedule="code"`` (the released code): while fewer than ``B`` accepted, ``p ∝ z*m``;
+     then, while some
      ``def_k > 0``, ``p ∝ def*m``.
-4. **Trim and fill** (§3.1 line 8, §3.2): with ratios preserved, keep a random
+4. **Trim and fill** (Alg. 2 line 8, and the released code): with ratios preserved, keep a random
    ``min(c_k, n_k)`` per task (at most ``B`` in all); ``fill="accepted"`` tops up to ``B`` at
    random from the other accepted groups, ``fill="none"`` does not. Without preservation (DAPO),
    keep a random ``B`` of the accepted groups. If the round cap left fewer than ``B``, the batch
@@ -34,7 +37,8 @@ Spec: ``specs/mt-grpo.md`` §3 (paper Alg. 2 and the released code), §5, §9. O
    filters they have zero advantage; under ``"strict"`` mask them with ``padded``).
 
 Defaults follow the suggested settings: paper Alg. 2 with ``M_os = 3``, AAS on with ``M_acc =
-5`` (§9.8), ``rho`` EMA 0.9, 10 rounds, the zero-variance (``"lenient"``) filter (§9.10).
+5`` (App. E), ``rho`` EMA 0.9, 10 rounds, the zero-variance (``"lenient"``) filter (the
+released code).
 
 When the cap is not hit and the targets sum to ``B``, the realised per-task counts equal the
 targets exactly. Randomness is a pure function of ``(seed, step)``; the state is ``step`` and
@@ -62,7 +66,7 @@ FILLS = ("accepted", "pad", "none")
 _STATE_FORMAT = "jaxgrpo.RatioPreservingSampler/1"
 
 
-# Settings of the one object that give each algorithm (spec §3.2 table, §7.3 ablations, §9).
+# Settings of the one object that give each algorithm (the paper's §5 and App. D.2 ablations).
 PRESETS: dict[str, dict[str, Any]] = {
     # B prompts in the fixed ratios, no filter, one round.
     "grpo": dict(filter="none", oversample=1.0, max_rounds=1, preserve_ratios=False,
@@ -70,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Dynamic sampling: 3x oversampling, drop zero-advantage groups, regenerate until B.
     "dapo": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=False,
                  max_inflation=1.0),
-    # Ablation GRPO_RPS (§7.3): DAPO plus ratio preservation and AAS; pass uniform weights.
+    # Ablation GRPO_RPS (App. D.2): DAPO plus ratio preservation and AAS; pass uniform weights.
     "grpo_rps": dict(filter="lenient", oversample=3.0, max_rounds=10, preserve_ratios=True,
                      max_inflation=5.0),
     # MT-GRPO with the suggested defaults (paper Alg. 2, AAS on).
@@ -127,7 +131,7 @@ class RatioPreservingSampler:
       schedule: ``"paper"`` or ``"code"`` resampling schedule (ratios preserved only).
       filter: zero-gradient filter, one of ``FILTERS`` (see ``is_filtered``).
       preserve_ratios: enforce the per-task targets (RPS); False gives DAPO/GRPO.
-      preserve_from_step: enforce only from this step on (Exp. 2 code warm-up, §9.9).
+      preserve_from_step: enforce only from this step on (the released Exp. 2 scripts' warm-up).
       fill: ``"accepted"``, ``"pad"`` or ``"none"`` (module docstring, step 4).
       round_multiple: round sizes are rounded up to a multiple of this (e.g. the host count).
       correct: reward threshold for "correct" in the strict filter.
@@ -275,7 +279,8 @@ class RatioPreservingSampler:
         preserve = self.preserve_ratios and self.step >= self.preserve_from_step
         m0 = self.inflation()
         targets, ref = self._targets(z, rng)
-        # "scaled" (§3.2): without AAS the code takes the reference shares from round 1's own
+        # "scaled" (the released code): without AAS the code takes the reference shares from
+        # round 1's own
         # draw (from z); with AAS from a separate draw made before inflation.
         counts = ref if ref is not None and np.all(m0 == 1.0) else None
         pool = _StepPool(len(self.task_names))

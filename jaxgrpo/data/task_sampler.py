@@ -304,7 +304,7 @@ class TaskSampler:
         """Returns drawn but unused prompts to the front of their task's stream.
 
         The next draws of that task serve them first (lowest position first), under their old
-        uid. MT-GRPO itself does *not* give back prompts it generated on: spec mt-grpo §3.2, the
+        uid. MT-GRPO itself does *not* give back prompts it generated on: in the released code, the
         released code pops prompts without replacement, so zero-advantage (filtered) and trimmed
         prompts are consumed. Use this for prompts that were drawn but never rolled out, or to
         re-use trimmed prompts deliberately.

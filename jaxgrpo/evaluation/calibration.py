@@ -1,4 +1,4 @@
-"""Calibration metrics over (confidence q, correctness c) pairs (spec bae.md §6, §10.12).
+"""Calibration metrics over (confidence q, correctness c) pairs (the metrics of BAE, arXiv 2602.10231).
 
 All metrics are global over the pairs given (as BAE computes them). Inputs are 1-D array-likes
 of equal, non-zero length: ``confidence`` finite in ``[0, 1]`` (or pass ``clip=True`` to clip

@@ -1,4 +1,4 @@
-"""Fidelity of BAE's compute-free baselines against Monte-Carlo advantages (``bae.md`` §4).
+"""Fidelity of BAE's compute-free baselines against Monte-Carlo advantages (BAE, arXiv 2602.10231 §5.1, Fig. 1).
 
 For each prompt p, G sampled completions y = [X_sol; X_conf] have a confidence-block reward
 ``r[p, g]`` and a discrete outcome ``o[p, g]`` of the solution prefix (the answer's correctness).

@@ -1,11 +1,11 @@
-"""Test-time scaling over ``n`` sampled answers per prompt (spec bae.md §6, §8, §10.13).
+"""Test-time scaling over ``n`` sampled answers per prompt (BAE, arXiv 2602.10231 §5.3, App. G).
 
 One prompt's samples are ``answers`` (strings; ``None`` for an unparsable answer, which never
 wins a vote and counts as wrong) with stated ``confidences`` in ``[0, 1]``. Answers are grouped
 by ``key(answer)`` (default: the string itself; pass a canonicaliser such as a math-verify
 normaliser to group equivalent answers). Every rule returns the *first-occurring* original
 answer of its winning group, or ``None`` if no sample has an answer. Ties are broken by first
-occurrence (spec §10.13).
+occurrence.
 
 * Majority vote: the most frequent group.
 * MaxConf: the answer of the sample with the largest confidence.

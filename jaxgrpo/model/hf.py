@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxgrpo.config import InputError
 from jaxgrpo.model.config import ModelConfig
 from jaxgrpo.model.transformer import Transformer
 
@@ -47,25 +48,49 @@ class _TensorRef:
 
 
 def _read_header(file: pathlib.Path) -> dict[str, _TensorRef]:
+    """The tensors a safetensors file holds; a file that is not one is an :class:`InputError`
+    naming it and what is wrong (checked before anything is allocated or mapped)."""
+    size = file.stat().st_size
+    bad = lambda what: InputError(f"{file} is not a valid safetensors file: {what} (re-download "
+                                  "or re-export the checkpoint)")
     with open(file, "rb") as fh:
+        if size < 8:
+            raise bad(f"it has {size} bytes, fewer than the 8-byte header length")
         n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+        if n > size - 8:
+            raise bad(f"its header length {n} exceeds the {size - 8} bytes after it")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     refs = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        if meta["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {meta['dtype']}")
-        s, e = meta["data_offsets"]
-        refs[key] = _TensorRef(file, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]),
-                               8 + n + s, 8 + n + e)
+        try:
+            dtype, shape, (s, e) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {key!r} has no dtype, shape and data_offsets") from None
+        if dtype not in _ST_DTYPES:
+            raise InputError(f"{file}: tensor {key!r} has unsupported dtype {dtype}")
+        count = int(np.prod(shape, dtype=np.int64))
+        if not (0 <= s <= e <= size - 8 - n) or e - s != count * _ST_DTYPES[dtype].itemsize:
+            raise bad(f"tensor {key!r} (shape {list(shape)}, {dtype}) has data offsets "
+                      f"[{s}, {e}] that do not fit its size or the file ({size} bytes)")
+        refs[key] = _TensorRef(file, _ST_DTYPES[dtype], shape, 8 + n + s, 8 + n + e)
     return refs
 
 
 def _index_weights(directory: pathlib.Path) -> dict[str, _TensorRef]:
     index_file = directory / "model.safetensors.index.json"
     if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{index_file} is not a safetensors index (JSON with a "
+                             f"'weight_map'): {type(e).__name__}: {e}") from None
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (directory / f).exists():
@@ -117,10 +142,15 @@ def _read_config_json(directory: pathlib.Path) -> dict:
     cfg_file = directory / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} is missing: an HF model directory needs config.json")
-    raw = json.loads(cfg_file.read_text())
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{cfg_file} is not a JSON object")
     mt = raw.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{cfg_file}: model_type {mt!r} is not supported; supported types are "
+        raise InputError(f"{cfg_file}: model_type {mt!r} is not supported; supported types are "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     return raw
 
@@ -130,20 +160,20 @@ def config_from_hf(hf_config, *, dtype="float32", param_dtype=None) -> ModelConf
     dtype ``dtype`` and parameter dtype ``param_dtype`` (default: ``dtype``)."""
     mt = hf_config.model_type
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {mt!r} is not supported; supported types are "
+        raise InputError(f"model_type {mt!r} is not supported; supported types are "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     if getattr(hf_config, "mlp_bias", False):
-        raise ValueError(f"{mt} config with mlp_bias=True is not supported")
+        raise InputError(f"{mt} config with mlp_bias=True is not supported")
     attn_bias = bool(getattr(hf_config, "attention_bias", False))
     if mt in ("llama", "qwen3") and attn_bias:
-        raise ValueError(f"{mt} config with attention_bias=True (biased o_proj) is not supported")
+        raise InputError(f"{mt} config with attention_bias=True (biased o_proj) is not supported")
     if mt == "qwen2" and getattr(hf_config, "use_sliding_window", False):
-        raise ValueError("qwen2 config with use_sliding_window=True is not supported")
+        raise InputError("qwen2 config with use_sliding_window=True is not supported")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported (only silu)")
+        raise InputError(f"hidden_act {hf_config.hidden_act!r} is not supported (only silu)")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", "default")
@@ -294,7 +324,10 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, param_dtype=None,
                         f"{sorted(fields)}")
     directory = pathlib.Path(path)
     _read_config_json(directory)
-    hf_config = transformers.AutoConfig.from_pretrained(str(directory))
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{directory / 'config.json'}: {e}") from None
     cfg = config_from_hf(hf_config, dtype=dtype,
                          param_dtype=dtype if param_dtype is None else param_dtype)
     if config_overrides:
@@ -318,11 +351,11 @@ def load_hf(path: os.PathLike | str, *, dtype=jnp.float32, param_dtype=None,
         arrays = []
         for key, shape in zip(entry.hf_keys, entry.hf_shapes, strict=True):
             if key not in refs:
-                raise ValueError(f"weight {key!r} is missing from the safetensors files in "
+                raise InputError(f"weight {key!r} is missing from the safetensors files in "
                                  f"{directory}")
             ref = refs[key]
             if ref.shape != shape:
-                raise ValueError(f"weight {key!r} in {ref.file.name} has shape {ref.shape} but "
+                raise InputError(f"weight {key!r} in {ref.file.name} has shape {ref.shape} but "
                                  f"config.json implies {shape}")
             arrays.append(_load_tensor(ref))
         value = np.asarray(entry.to_param(*arrays)).astype(target)

@@ -3,7 +3,7 @@
 * :class:`ReasoningGymTask` (``get_task("rg", dataset="countdown", level=2)``, or the
   MT-GRPO presets ``rg_countdown``, ``rg_zebra``, ``rg_arc1d`` with ``level`` 1-3: Countdown with
   3/4/5 numbers, Zebra puzzles with 3/4/5 people and properties, 1-D ARC with grids of 10/20/30
-  cells; ``specs/mt-grpo.md`` §6.2). The completion's answer is the content of its last
+  cells; arXiv 2602.05547 §6). The completion's answer is the content of its last
   ``<answer>…</answer>`` pair, scored by reasoning-gym's own ``score_answer``. reasoning-gym
   gives partial credit (Countdown: 0.01 unparsable, 0.05 wrong value), so ``correct`` is
   ``score == 1`` and the reward is binary unless ``partial_credit=True``. ``format_bonus=0.1``
@@ -16,7 +16,7 @@
 * :class:`MathFileTask` (``get_task("math_file", path="train.jsonl")``): JSONL or Parquet rows
   with a problem and an answer (the BAE setting), checked with math-verify. The answer is the
   content of the last ``<answer>…</answer>`` pair, wrapped in ``\\boxed{}`` before parsing
-  (``specs/bae.md`` §6); without tags, math-verify searches the whole completion. math-verify's
+  (as BAE's math evaluation, arXiv 2602.10231); without tags, math-verify searches the whole completion. math-verify's
   own ``signal.alarm`` timeouts are off: run it through :mod:`jaxgrpo.tasks.runner` for a limit.
 """
 

@@ -38,8 +38,9 @@ def build_task(name: str, args: argparse.Namespace):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tasks_command", metavar="{list,sample}")
-    sub.add_parser("list", help="one task per line: its name, then a short description")
-    p = sub.add_parser("sample", help="print N records of a task as JSONL")
+    sub.add_parser("list", help="one task per line: its name, then a short description",
+                   allow_abbrev=False)
+    p = sub.add_parser("sample", allow_abbrev=False, help="print N records of a task as JSONL")
     p.add_argument("name", help="task name or spec, e.g. addition or addition@2")
     p.add_argument("-n", type=int, default=5, help="number of records (default 5)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")

@@ -3,8 +3,9 @@
 Each non-blank input line is ``{"example": <record>, "completion": "<text>"}``; each output line
 is ``{"reward": float, "correct": bool, "error": str | null}`` (plus ``blocks`` and
 ``confidence`` for structured tasks), in input order. A line that is not valid input gets
-reward 0 and an error; scoring errors never stop the run. Exit status 0 unless the task or the
-files cannot be opened.
+reward 0 and an error (and a count on standard error); scoring errors never stop the run.
+Exit status 0, or 2 (nothing written) when the task or the files cannot be opened, or the input
+holds no valid line at all (an empty file, not JSONL, the wrong file).
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def run(args: argparse.Namespace) -> int:
         idx.append(i)
         records.append(record)
         completions.append(completion)
+    bad = len(lines) - len(idx)
+    if not idx:
+        first = results[0].error if results else "no non-blank lines"
+        print(f"jaxgrpo score: error: {args.input}: no valid input line ({first}); each line "
+              'must be {"example": {...}, "completion": "..."}', file=sys.stderr)
+        return 2
+    if bad:
+        print(f"jaxgrpo score: warning: {bad} of {len(lines)} input lines are not valid input "
+              "(scored 0 with an error)", file=sys.stderr)
     if idx:
         scores = score_many(task, records, completions, timeout_s=args.timeout,
                             workers=args.workers)

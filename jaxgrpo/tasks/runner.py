@@ -346,7 +346,7 @@ def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
       workers: worker processes; 0 scores in this process (no time limit).
       pool: a pool to use; by default a shared pool per ``(workers, timeout_s)`` is reused.
       truncated: per item, whether the completion hit the length limit (no EOS); used by the
-        structured formats (``bae.md`` §10 item 5).
+        structured formats (a truncated or malformed completion).
 
     Returns:
       One :class:`Score` per item, in input order. Never raises for bad completions.

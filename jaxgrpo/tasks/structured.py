@@ -1,11 +1,11 @@
 """Structured outputs for Blockwise Advantage Estimation: parse, block spans, tokens, rewards.
 
-Two formats (``specs/bae.md`` §1, §5, §10):
+Two formats (BAE, arXiv 2602.10231: the RLCR-style confidence format and two-attempt refinement):
 
 * ``"confidence"``: ``<reasoning>…</reasoning><answer>â</answer><analysis>…</analysis>
   <confidence>q</confidence>``. Block 0 (solution) is everything before ``<analysis>``; block 1
   (confidence) is everything from ``<analysis>`` to the end of the text, tags included, and the
-  EOS token when :func:`token_block_ids` is given its index (§10 item 4). Without
+  EOS token when :func:`token_block_ids` is given its index (our reading; the paper does not say). Without
   ``<analysis>`` the split is at ``<confidence>``, then at the end of ``</answer>``.
   Rewards: ``r_0 = c``; ``r_1 = -(q - c)^2`` (Brier) or ``c log q + (1-c) log(1-q)`` with q
   clipped to ``[eps, 1-eps]`` (log score).
@@ -20,7 +20,7 @@ pair after the answer, stripped, an ASCII decimal such as ``0.85``, ``1``, ``.5`
 in ``[0, 1]``; NaN, infinities, unicode digits, percentages and out-of-range values are invalid.
 
 A missing or invalid second block (no confidence, bad confidence, no second answer, or text
-truncated before it) is handled by ``on_malformed`` (§10 item 5; configurable):
+truncated before it) is handled by ``on_malformed`` (configurable):
 
 * ``"empty_block"`` (default): block 1 has no tokens (its token ids are -1, so it gets no loss)
   and reward 0; block 0 is scored as usual.
@@ -275,7 +275,7 @@ def token_block_ids(spans: Sequence[tuple[int, int]], offsets: Sequence[Sequence
 
     A token belongs to the block whose character span contains the token's first character.
     Zero-width tokens (special tokens, offsets ``(0, 0)``) get -1, except ``eos_index``, which
-    gets the last block if that block is not empty (``bae.md`` §10 item 4).
+    gets the last block if that block is not empty (our reading; the paper does not say).
 
     Args:
       spans: ``[(start, end), ...]`` per block, from ``StructuredParse.spans``.

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 
 from jaxgrpo import hardware
 from jaxgrpo import sharding as shd
-from jaxgrpo.config import Algo, Estimator, ExperimentConfig
+from jaxgrpo.config import Algo, Estimator, ExperimentConfig, InputError
 from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.rollout import sampler as sampler_lib
 from jaxgrpo.train import batch as batch_lib
@@ -57,7 +57,7 @@ PROGRAMS = ("train_step", "reshard", "prefill", "decode", "generate")
 LIBTPU_HINT = "libtpu is not installed: install it with pip install 'jaxgrpo[tpu]'"
 
 
-class CompileError(ValueError):
+class CompileError(InputError):
     """Bad input to ``jaxgrpo compile`` (one line), raised before anything compiles."""
 
 

@@ -4,7 +4,7 @@ The structured parser (:mod:`jaxgrpo.tasks.structured`) splits a completion's *t
 training needs the block of every *sampled token*. :func:`token_offsets` maps each sampled token
 to its character span in the decoded text, and :func:`rollout_block_ids` turns the parser's spans
 into int32 block ids ``[P, G, Tc]`` (-1 outside every block, EOS to the last block as
-``bae.md`` §10 item 4 reads it). :func:`blockwise_token_advantages` then computes
+our reading of the paper). :func:`blockwise_token_advantages` then computes
 :func:`jaxgrpo.core.advantages.blockwise` advantages with OCB strata from the first block's
 correctness, broadcasts them to tokens and builds the ``block_mean`` token weights.
 """
@@ -104,8 +104,8 @@ def rollout_block_ids(
 def block_outcomes(correct: np.ndarray, num_blocks: int) -> np.ndarray:
     """OCB strata ``[P, G, K]``: block k > 0 is stratified by the first block's correctness.
 
-    For the confidence format this is c (the answer's correctness, ``bae.md`` §3); for two
-    attempts it is c_1, the first attempt's (§10 item 6). Block 0 has no prefix outcome (0).
+    For the confidence format this is c (the answer's correctness, the paper's §4.3); for two
+    attempts it is c_1, the first attempt's. Block 0 has no prefix outcome (0).
     """
     c = np.asarray(correct).astype(np.int32)
     out = np.repeat(c[:, :, None], num_blocks, axis=2)
@@ -164,7 +164,7 @@ def blockwise_token_advantages(
 
 
 class EntropyController:
-    """Adaptive entropy coefficient (``bae.md`` §7, after Skywork-OR1's controller).
+    """Adaptive entropy coefficient (BAE, arXiv 2602.10231's setup, after Skywork-OR1's controller).
 
     After each step with measured mean token entropy e: coef += delta if e < target, else
     coef -= delta; then coef is clipped to ``[0, max_coef]``.

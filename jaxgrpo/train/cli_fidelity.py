@@ -1,6 +1,6 @@
 """``jaxgrpo fidelity CONFIG [overrides] --model PATH --prompts N --G G --M M --out FILE.json``.
 
-The BAE fidelity study (``bae.md`` §4): for N held-out prompts of the config's (first) task,
+The BAE fidelity study (BAE, arXiv 2602.10231 §5.1): for N held-out prompts of the config's (first) task,
 which must be a structured ``confidence`` task, sample G solutions, then M confidence-block
 continuations from each fixed solution prefix, and print the RMSE (and bias) of each baseline's
 confidence-block advantage (none, batch mean, group mean, OCB, and the extensions ocb_loo /
@@ -38,6 +38,8 @@ def run(args) -> int:
         if getattr(args, name) < 1 or (name == "num_mc" and args.num_mc < 2):
             flag = {"prompts": "--prompts", "group_size": "--G", "num_mc": "--M"}[name]
             return fail(f"{flag} must be at least {2 if name == 'num_mc' else 1}")
+    if not args.kappa >= 0 or args.kappa == float("inf"):
+        return fail(f"--kappa must be a finite number >= 0, got {args.kappa}")
     if args.out:
         try:
             paths.as_path(args.out)  # an unknown scheme fails before the study runs
@@ -51,22 +53,19 @@ def run(args) -> int:
     from jaxgrpo.evaluation import fidelity as fid
     from jaxgrpo.train import fidelity, loop
 
-    try:
-        su = loop.setup(cfg)
-        name = su.names[0]
-        task = su.tasks[name]
-        ds = task.dataset("eval", cfg.tasks.seed)
-        records = [ds[i] for i in range(min(args.prompts, len(ds)))]
-        rc = cfg.rollout
-        nr = fidelity.nested_rollouts(
-            su.policy, su.params, task, records, group_size=args.group_size,
-            num_mc=args.num_mc, max_new_tokens=rc.max_new_tokens,
-            key=jax.random.key(args.seed), prompt_buckets=rc.prompt_buckets,
-            temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-        )
-        table = nr.table(kappa=args.kappa)
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e).splitlines()[0])
+    su = loop.setup(cfg)
+    name = su.names[0]
+    task = su.tasks[name]
+    ds = task.dataset("eval", cfg.tasks.seed)
+    records = [ds[i] for i in range(min(args.prompts, len(ds)))]
+    rc = cfg.rollout
+    nr = fidelity.nested_rollouts(
+        su.policy, su.params, task, records, group_size=args.group_size,
+        num_mc=args.num_mc, max_new_tokens=rc.max_new_tokens,
+        key=jax.random.key(args.seed), prompt_buckets=rc.prompt_buckets,
+        temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
+    )
+    table = nr.table(kappa=args.kappa)
     text = fid.format_table(table)
     print(f"fidelity study: task {name}, {len(records)} prompts, G={args.group_size}, "
           f"M={args.num_mc}; RMSE (bias) of each baseline's confidence-block advantage "

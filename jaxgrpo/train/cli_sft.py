@@ -29,14 +29,12 @@ def run(args) -> int:
     from jaxgrpo.train import loop
     from jaxgrpo.train.cli_train import format_summary
 
-    try:
-        su = loop.setup(cfg)
-        out = paths.as_path(args.output) if args.output else su.workdir / "sft_model"
-        before = loop.evaluate(su.policy, su.params, su.tasks, su.eval_sets, cfg, su.eval_key)
-        params = loop.warm_start(cfg, su, su.params, out)
-        after = loop.evaluate(su.policy, params, su.tasks, su.eval_sets, cfg, su.eval_key)
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e).splitlines()[0])
+    loop.check_resources(cfg)
+    su = loop.setup(cfg)
+    out = paths.as_path(args.output) if args.output else su.workdir / "sft_model"
+    before = loop.evaluate(su.policy, su.params, su.tasks, su.eval_sets, cfg, su.eval_key)
+    params = loop.warm_start(cfg, su, su.params, out)
+    after = loop.evaluate(su.policy, params, su.tasks, su.eval_sets, cfg, su.eval_key)
     table = format_summary({"accuracy_before": before, "accuracy_after": after,
                             "workdir": str(out)})
     print(table.replace("before RL", "before SFT").replace("after RL", "after SFT"))

@@ -14,18 +14,22 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    cfg = load(args)
-    if cfg is None:
-        return 2
-    from jaxgrpo.metrics import NonFiniteError
-    from jaxgrpo.train import loop
+    from jaxgrpo.metrics import Heartbeat
 
-    try:
-        summary = loop.run(cfg, resume=args.resume)
-    except NonFiniteError as e:
-        return fail(str(e))
-    except (FileNotFoundError, ValueError) as e:
-        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    # Importing JAX and the trainer takes seconds (more on a busy machine): say so from the
+    # first seconds, then at least every 10 s until the run ends.
+    with Heartbeat(sys.stderr, first_s=2.0,
+                   phase="train: starting (importing JAX and the trainer)") as beat:
+        cfg = load(args)
+        if cfg is None:
+            return 2
+        from jaxgrpo.metrics import NonFiniteError
+        from jaxgrpo.train import loop
+
+        try:
+            summary = loop.run(cfg, resume=args.resume, stream=beat)
+        except NonFiniteError as e:
+            return fail(str(e))
     print(format_summary(summary), file=sys.stdout)
     return 0
 

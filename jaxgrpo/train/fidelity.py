@@ -1,4 +1,4 @@
-"""The fidelity study's rollouts (``bae.md`` §4): nested Monte-Carlo continuations of block 1.
+"""The fidelity study's rollouts (BAE, arXiv 2602.10231 §5.1): nested Monte-Carlo continuations of block 1.
 
 For each prompt, G completions are sampled with the jitted sampler and scored by the structured
 task. Each completion whose solution block is complete (an answer was parsed) is cut at the start
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from jaxgrpo.config import InputError
 from jaxgrpo.evaluation import fidelity as fid
 from jaxgrpo.rollout.sampler import bucket_length
 from jaxgrpo.tasks import score_many
@@ -89,7 +90,7 @@ def nested_rollouts(policy, params, task: StructuredTask, records: Sequence[dict
       stream: progress lines go here (None: quiet).
     """
     if not isinstance(task, StructuredTask) or task.format != "confidence":
-        raise ValueError("the fidelity study needs a structured task in the 'confidence' format "
+        raise InputError("the fidelity study needs a structured task in the 'confidence' format "
                          f"(e.g. 'confidence' with base=...), got {getattr(task, 'name', task)!r}")
     for name, v in (("group_size", group_size), ("num_mc", num_mc), ("chunk", chunk)):
         if not isinstance(v, int) or v < 1:
@@ -97,7 +98,7 @@ def nested_rollouts(policy, params, task: StructuredTask, records: Sequence[dict
     if num_mc < 2:
         raise ValueError(f"num_mc must be >= 2 (the MC noise needs a variance), got {num_mc!r}")
     if not records:
-        raise ValueError("records must hold at least one prompt")
+        raise InputError("records must hold at least one prompt (tasks.eval_prompts, --prompts)")
     tok = policy.tokenizer
     buckets = tuple(sorted(prompt_buckets))
     log = (lambda m: print(f"[fidelity] {m}", file=stream, flush=True)) if stream else None

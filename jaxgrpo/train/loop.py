@@ -34,6 +34,7 @@ its part of each checkpoint. One device is a 1-device mesh: the same numbers as 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import sys
 import time
 
@@ -46,12 +47,13 @@ from flax import nnx
 from jaxgrpo import metrics as metrics_lib
 from jaxgrpo import paths
 from jaxgrpo import sharding as shd
-from jaxgrpo.checkpoint import Checkpointer
+from jaxgrpo.checkpoint import Checkpointer, committed_steps
 from jaxgrpo.config import (
     Agg,
     Algo,
     Estimator,
     ExperimentConfig,
+    InputError,
     flatten_config,
     save_config,
     validate,
@@ -151,12 +153,19 @@ def resolve_tasks(cfg: ExperimentConfig):
     mix = cfg.tasks.mixture
     if isinstance(mix, str):
         if mix not in MIXTURES:
-            raise ValueError(f"unknown mixture {mix!r}; known: {', '.join(MIXTURES)}")
+            raise InputError(f"unknown mixture {mix!r}; known: {', '.join(MIXTURES)}")
         ratios = dict(MIXTURES[mix])
-        tasks = {name: get_task(name) for name in ratios}
+        specs = [(name, {}) for name in ratios]
     else:
         ratios = cfg.tasks.ratios()
-        tasks = {t.spec: get_task(t.spec, **t.options) for t in mix}
+        specs = [(t.spec, t.options) for t in mix]
+    tasks = {}
+    for spec, options in specs:
+        try:  # the task name and options come from the config (or an extra is missing)
+            tasks[spec] = get_task(spec, **options)
+        except (ValueError, TypeError, ImportError) as e:
+            raise InputError(f"tasks.mixture: {e}" if spec in str(e) else
+                             f"tasks.mixture: task {spec!r}: {e}") from e
     return list(ratios), tasks, ratios
 
 
@@ -204,25 +213,25 @@ def check_blockwise(cfg: ExperimentConfig, tasks: dict) -> None:
     lc = cfg.loss
     if lc.estimator != Estimator.BLOCKWISE:
         if lc.agg == Agg.BLOCK_MEAN:
-            raise ValueError("loss.agg 'block_mean' needs loss.estimator 'blockwise' (BAE)")
+            raise InputError("loss.agg 'block_mean' needs loss.estimator 'blockwise' (BAE)")
         return
     if lc.agg != Agg.BLOCK_MEAN:
-        raise ValueError(
+        raise InputError(
             f"loss.estimator 'blockwise' needs loss.agg 'block_mean' (got {str(lc.agg)!r})"
         )
     if cfg.algo.overlong.buffer > 0:
-        raise ValueError(
+        raise InputError(
             "algo.overlong.buffer > 0 penalises the scalar reward, which loss.estimator "
             "'blockwise' does not use: set it to 0 (truncated completions lose their last block)"
         )
     for name, task in tasks.items():
         if not isinstance(task, StructuredTask):
-            raise ValueError(
+            raise InputError(
                 f"loss.estimator 'blockwise' needs structured tasks (e.g. "
                 f"'confidence' with option base=...), but task {name!r} has no blocks"
             )
         if task.num_blocks != len(lc.block_baselines):
-            raise ValueError(
+            raise InputError(
                 f"loss.block_baselines has {len(lc.block_baselines)} entries but task "
                 f"{name!r} has {task.num_blocks} blocks"
             )
@@ -295,12 +304,14 @@ class Setup:
     eval_sets: dict
     eval_key: jax.Array
     log: object
+    stream: object = None  # where progress goes (a metrics.Heartbeat in `jaxgrpo train`)
 
 
 def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
     """With a ``mesh`` the parameters are created in the training layout and rollouts run there
     (resharded to the rollout layout); without one, everything is on the default device."""
     names, tasks, ratios = resolve_tasks(cfg)  # an unknown task fails before anything is written
+    metrics_lib.set_phase(stream, "loading the model and tokenizer")
     workdir = paths.as_path(cfg.train.workdir)  # keeps gs:// (pathlib would not)
     workdir.mkdir(parents=True, exist_ok=True)
     quiet = jax.process_index() != 0
@@ -314,7 +325,8 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
                     matmul_params=int(model.cfg.matmul_params), mesh=mesh,
                     rollout_shardings=rollout_sh)
     eval_key = rng_lib.eval_key(rng_lib.base_key(cfg.train.seed))
-    return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log)
+    return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log,
+                 stream)
 
 
 def rollout_param_shardings(params, mesh):
@@ -354,7 +366,8 @@ def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: epath.PathLike
     """SFT on gold completions; saves the result as an HF checkpoint in ``out_dir`` if given
     (a local directory, or a URI: written to a local staging directory, then copied there by
     ``jaxgrpo.paths.local_dir``)."""
-    params = _warm_start(cfg, su.policy, params, su.tasks, su.names, su.ratios, su.workdir, su.log)
+    params = _warm_start(cfg, su.policy, params, su.tasks, su.names, su.ratios, su.workdir, su.log,
+                         stream=su.stream)
     if out_dir is not None:
         from jaxgrpo.model import save_hf
 
@@ -405,26 +418,83 @@ def run(
     single process), then builds the mesh ``cfg.mesh`` over every device and trains under it.
     """
     if cfg.mesh.axis_types != "auto":
-        raise ValueError(
+        raise InputError(
             f"mesh.axis_types {str(cfg.mesh.axis_types)!r} is not supported by the trainer: set "
             "mesh.axis_types=auto (the step pins its shardings through jit in/out shardings)"
         )
     if cfg.model.path is None and cfg.model.preset is None:
-        raise ValueError(f"model.hf_config ({cfg.model.hf_config!r}) is an architecture without "
+        raise InputError(f"model.hf_config ({cfg.model.hf_config!r}) is an architecture without "
                          "weights: set model.path to a local HF checkpoint to train")
     shd.initialize_distributed(cfg.distributed)
     validate(cfg, num_devices=jax.device_count(), check_paths=False)
     if jax.process_count() > 1 and cfg.mesh.devices != -1:
-        raise ValueError("mesh.devices must be -1 (every device) in a multi-process run")
+        raise InputError("mesh.devices must be -1 (every device) in a multi-process run")
     if jax.process_count() > 1 and cfg.model.sft.steps > 0:
-        raise ValueError(
+        raise InputError(
             "model.sft.steps > 0 runs the SFT warm start in this process only: with several "
             "processes run `jaxgrpo sft` first and start RL from its HF checkpoint (model.path), "
             "with model.sft.steps=0"
         )
+    # Every refusal comes before anything is written, built or compiled.
+    check_run_directory(cfg, resume=resume)
+    check_blockwise(cfg, resolve_tasks(cfg)[1])
+    check_resources(cfg)
     mesh = shd.make_mesh(cfg.mesh)
-    with jax.set_mesh(mesh):
-        return _run(cfg, mesh, resume=resume, stop_after=stop_after, stream=stream)
+    lead = jax.process_index() == 0
+    # The lead process says what it is doing at least every 10 s (compiles included); a
+    # caller's heartbeat (`jaxgrpo train` starts one before importing JAX) is carried on.
+    beat = None
+    if lead and not isinstance(stream, metrics_lib.Heartbeat):
+        stream = beat = metrics_lib.Heartbeat(stream)
+    metrics_lib.set_phase(stream, "setting up")
+    try:
+        if lead:
+            print(f"[jaxgrpo] train: {cfg.train.steps} RL steps, run files in "
+                  f"{cfg.train.workdir}", file=stream, flush=True)
+        with jax.set_mesh(mesh):
+            return _run(cfg, mesh, resume=resume, stop_after=stop_after, stream=stream)
+    finally:
+        if beat is not None:
+            beat.close()
+
+
+def checkpoint_dir(cfg: ExperimentConfig) -> epath.Path:
+    """Where the run's checkpoints go: ``checkpoint.dir``, else ``<train.workdir>/checkpoints``."""
+    if cfg.checkpoint.dir:
+        return paths.as_path(cfg.checkpoint.dir)
+    return paths.as_path(cfg.train.workdir) / "checkpoints"
+
+
+def check_run_directory(cfg: ExperimentConfig, *, resume: bool) -> None:
+    """Refuses, before anything is written, a fresh run over an old run's checkpoints and a
+    ``--resume`` with nothing to resume (one-line :class:`InputError`)."""
+    ckpt_dir = checkpoint_dir(cfg)
+    steps = committed_steps(ckpt_dir)
+    if steps and not resume:
+        raise InputError(f"{ckpt_dir} already holds checkpoints (step {steps[-1]}): pass "
+                         "--resume to continue that run, or set train.workdir to a new directory")
+    if resume and not steps:
+        raise InputError(f"--resume: nothing to resume, {ckpt_dir} holds no committed "
+                         "checkpoint: start without --resume (or give the run's train.workdir)")
+
+
+def check_resources(cfg: ExperimentConfig):
+    """Reads the model's dimensions (config.json and the safetensors headers of ``model.path``:
+    a broken file is named here) and refuses batch sizes that cannot fit in memory
+    (:mod:`jaxgrpo.train.resources`). Nothing is allocated or written."""
+    from jaxgrpo.train import aot, resources
+
+    if cfg.model.path is not None:
+        from jaxgrpo.model.hf import _index_weights, _read_config_json
+
+        directory = pathlib.Path(cfg.model.path).expanduser()
+        _read_config_json(directory)
+        _index_weights(directory)
+    try:
+        mcfg, _ = aot.model_config(cfg)
+    except aot.CompileError as e:
+        raise InputError(str(e)) from None
+    return resources.check(cfg, mcfg)
 
 
 def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, stream) -> dict:
@@ -456,6 +526,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     es, eval_key = su.eval_sets, su.eval_key
     summary = {"workdir": str(workdir)}
     if not restoring and cfg.model.sft.steps > 0:
+        metrics_lib.set_phase(stream, "evaluating before SFT (the first call compiles the sampler)")
         summary["accuracy_init"] = evaluate(policy, params, tasks, es, cfg, eval_key)
         params = warm_start(cfg, su, params, workdir / "sft_model")
 
@@ -483,6 +554,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         summary.update({k: meta[k] for k in ("accuracy_init",) if k in meta})
         log(f"resumed from {ckpt_dir} at step {int(state.step)}")
     else:
+        metrics_lib.set_phase(stream, "evaluating before RL")
         summary["accuracy_before"] = evaluate(
             policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key
         )
@@ -522,6 +594,9 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     pending = None  # (step, host metrics, device metrics): fetched one step late
     end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     for step in range(start_step, end_step):
+        first = step == start_step
+        metrics_lib.set_phase(stream, f"RL step {step + 1}/{cfg.train.steps}: rollouts"
+                              + (" (compiling the sampler)" if first else ""))
         t0 = time.perf_counter()
         rounds: list[rollouts.Groups] = []
         rollout_params = policy.for_rollout(state.params)
@@ -546,6 +621,12 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
             return [Group(it.task, it.uid, tuple(g.rewards[i]), (r, i)) for i, it in enumerate(items)]
 
         result = batcher.run_step(mt.weights() if mt is not None else ratios, generate)
+        if result.hit_cap:
+            log(f"warning: step {step + 1}: dynamic sampling hit its round cap "
+                f"(algo.sampling.max_rounds={cfg.algo.sampling.max_rounds}): "
+                f"{int(np.sum(result.padded))} of {len(result.padded)} groups in the batch are "
+                "padding with no learning signal (raise algo.sampling.oversample or "
+                "max_rounds, or start from a better policy)")
         chosen = [g.payload for g in result.batch]
         groups = rollouts.Groups.concat([rounds[r].take([i]) for r, i in chosen])
         valid = ~np.asarray(result.padded)[:, None] & ~groups.errors
@@ -562,6 +643,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         tb = shd.shard_batch(jax.tree.map(lambda a, s=own: a[s], tb), mesh,
                              group_size=rc.group_size, process_local=True)
         coef_used = float(state.entropy_coef) if ent_ctl is not None else 0.0  # (donated next)
+        metrics_lib.set_phase(stream, f"RL step {step + 1}/{cfg.train.steps}: train step"
+                              + (" (compiling it)" if first else ""))
         state, dev_metrics = train_step(state, tb)
         if ent_ctl is not None:
             # The next rollout waits for this step's parameters anyway: fetching one scalar
@@ -587,6 +670,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
                       np.asarray(dev_metrics["task_improvement"]))
             host.update(mt.metrics())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+            metrics_lib.set_phase(stream, f"evaluating after step {step + 1}")
             acc = evaluate(policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key)
             writer.write_scalars(step + 1, {f"eval/{k}/accuracy": v for k, v in acc.items()})
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
@@ -600,6 +684,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     ckpt.close()
 
     # ---- FINAL EVALUATION ----------------------------------------------------------------
+    metrics_lib.set_phase(stream, "final evaluation")
     summary["accuracy_after"] = evaluate(
         policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key
     )
@@ -701,7 +786,7 @@ def _fmt_acc(acc: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" (mean {np.mean(list(acc.values())):.3f})"
 
 
-def _warm_start(cfg, policy: Policy, params, tasks, names, ratios, workdir, log):
+def _warm_start(cfg, policy: Policy, params, tasks, names, ratios, workdir, log, stream=None):
     """SFT on gold completions drawn from the training mixture (a separate sampler stream)."""
     sc, rc = cfg.model.sft, cfg.rollout
     sampler = TaskSampler(
@@ -720,7 +805,10 @@ def _warm_start(cfg, policy: Policy, params, tasks, names, ratios, workdir, log)
     losses = []
     t0 = time.perf_counter()
 
+    metrics_lib.set_phase(stream, f"SFT warm start: compiling the SFT step (0/{sc.steps})")
+
     def on_step(i, loss):
+        metrics_lib.set_phase(stream, f"SFT warm start: step {i + 1}/{sc.steps}")
         if (i + 1) % max(sc.steps // 5, 1) == 0 or i + 1 == sc.steps:
             losses.append(float(loss))
             log(f"sft step {i + 1}/{sc.steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")

@@ -1,7 +1,7 @@
 """MT-GRPO's task weights on the host side of the loop: J_k, the IWU steps, and their state.
 
-Per training step (spec mt-grpo §5): J_k, an EMA of each task's rollout accuracy before
-filtering (correctness only, no format credit), is updated from every generated group; the
+Per training step (MT-GRPO, arXiv 2602.05547, Alg. 1, as the released code runs it): J_k, an
+EMA of each task's rollout accuracy before filtering (correctness only, no format credit), is updated from every generated group; the
 train step reports, per minibatch update, the per-task change of the clipped surrogate I_k
 (``StepConfig.num_tasks``); the task logits xi then take one IWU step per minibatch (the
 released code) or one per step (the paper), and z = softmax(xi) sets the next step's batch.

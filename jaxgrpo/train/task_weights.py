@@ -3,7 +3,8 @@
 The gradient comes from :mod:`jaxgrpo.core.weighting` (``iwu_gradient`` and friends), which
 returns ``dL/dxi`` of a quantity to *minimise*; optax descends on it, so it is passed unchanged.
 
-Optimiser kinds (``TASK_WEIGHT_OPTIMIZERS``), spec mt-grpo.md §2.1, §2.2, §9.4:
+Optimiser kinds (``TASK_WEIGHT_OPTIMIZERS``; MT-GRPO, arXiv 2602.05547, Subroutine 1, and the
+released code):
 
 * ``"adam_l2"`` (default, the released code): torch ``Adam([w], lr, weight_decay=gamma)``, i.e.
   *coupled* L2: the decay ``gamma * xi`` is added to the gradient before the Adam moments;

@@ -9,7 +9,7 @@ code = lambda s: cells.append(nbf.v4.new_code_cell(s.strip()))  # noqa: E731
 md("""
 # Inside an MT-GRPO run: task weights, realised shares, worst-task accuracy
 
-MT-GRPO (spec `mt-grpo.md`) keeps task logits `xi`; `z = softmax(xi)` asks for per-task counts in
+MT-GRPO (arXiv 2602.05547) keeps task logits `xi`; `z = softmax(xi)` asks for per-task counts in
 each post-filter training batch, and the ratio-preserving sampler regenerates until the batch
 holds them, even though tasks lose different shares of prompts to zero-advantage groups.
 

@@ -147,7 +147,7 @@ md("""
 ## 4. The fidelity study
 
 RMSE of each baseline's confidence-block advantage against the Monte-Carlo advantage, from M
-continuations of every fixed solution prefix (`jaxgrpo fidelity`, spec §4), on the RLCR-trained
+continuations of every fixed solution prefix (`jaxgrpo fidelity`, the paper's §5.1), on the RLCR-trained
 policy. "MC noise floor" is the RMSE that the MC estimate's own noise leaves even for a perfect
 baseline.
 """)

@@ -169,7 +169,7 @@ def test_group_relative_default_is_grpo_population_zscore():
     np.testing.assert_allclose(got[0], [1, -1, -1, 1], rtol=RTOL, atol=ATOL)
 
 
-# Peers' formulas, transcribed in NumPy from specs/peers.md §1.2, §3.2, §4.2, §5.2 (and, for
+# Peers' formulas, transcribed in NumPy from each project's documented formulas (and, for
 # TRL's scale_rewards="batch", its GRPOTrainer: group-mean numerator over rewards.std()).
 
 
@@ -389,7 +389,7 @@ def _bae_example(c, q):
 
 
 def test_bae_spec_worked_example():
-    """specs/bae.md §9: one prompt, G = 4, Brier confidence reward."""
+    """A worked example: one prompt, G = 4, Brier confidence reward."""
     rewards, outcomes = _bae_example([1, 1, 0, 0], [0.9, 0.6, 0.2, 0.7])
     np.testing.assert_allclose(rewards[0, :, 1], [-0.01, -0.16, -0.04, -0.49], atol=1e-7)
     ocb = np.asarray(bw(rewards, outcomes, baselines=("group_mean", "ocb")))[0]
@@ -408,7 +408,7 @@ def test_bae_spec_singleton_stratum_example():
     a = np.asarray(bw(rewards, outcomes, baselines=("group_mean", "ocb")))[0, :, 1]
     assert a[0] == 0  # the only correct sample: singleton stratum, exactly 0
     np.testing.assert_allclose(a, [0, 1.04 / 3, 0.32 / 3, -1.36 / 3], atol=ATOL)
-    np.testing.assert_allclose(a, [0, 0.3467, 0.1067, -0.4533], atol=5e-5)  # spec's 4 decimals
+    np.testing.assert_allclose(a, [0, 0.3467, 0.1067, -0.4533], atol=5e-5)  # the worked example's 4 decimals
 
 
 BLOCK_MODES = ("none", "batch_mean", "group_mean", "ocb", "ocb_loo", "ocb_shrink")
@@ -444,7 +444,7 @@ def test_ocb_relations():
         -1,
         0,
     )
-    # own-sample OCB = (n - 1) / n * leave-one-out OCB (spec §3); singletons give 0 in both.
+    # own-sample OCB = (n - 1) / n * leave-one-out OCB (paper §4.3); singletons give 0 in both.
     same = (o[:, :, None, 0] == o[:, None, :, 0]) & valid[:, None, :]
     n = same.sum(-1)
     np.testing.assert_allclose(

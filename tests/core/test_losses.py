@@ -207,7 +207,7 @@ def test_dr_grpo_max_len_defaults_to_T():
 
 
 # ----------------------------------------------------------------------------------------------
-# TRL 1.16 formulas (GRPOTrainer._compute_loss as described in peers.md §4 and ENVIRONMENT.md:
+# TRL 1.16 formulas (GRPOTrainer._compute_loss as TRL documents it:
 # k3 KL in the loss, multiplied by coef_1 = exp(logp - old) when use_bias_correction_kl; the
 # per-token loss -min(coef_1 A, clip(coef_1) A) + beta kl, masked by multiplication, then:
 #   grpo:    mean over rows of (sum_t loss*mask / clamp(sum_t mask, 1))

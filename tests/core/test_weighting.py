@@ -10,7 +10,7 @@ import pytest
 from jaxgrpo.core import weighting as W
 
 # ------------------------------------------------------------------------------------------
-# NumPy loop references, written from spec mt-grpo.md §1.3, §1.5, §2 (not from the module)
+# NumPy loop references, written from the paper (arXiv 2602.05547 §3.1, App. F, Subroutine 1; not from the module)
 
 
 def ref_softmax(xi):

@@ -1,4 +1,5 @@
-"""RatioPreservingSampler (MT-GRPO spec §3): exact targets, rounds, cap and fill, presets, state."""
+"""RatioPreservingSampler (MT-GRPO, arXiv 2602.05547 §5, Alg. 2): exact targets, rounds, cap and
+fill, presets, state."""
 
 import collections
 import json
@@ -92,7 +93,7 @@ def test_realised_counts_equal_targets_whenever_cap_not_hit(schedule):
 
 
 def test_acceptance_aware_sampling_needs_fewer_rounds():
-    """Spec §3.1 / Fig. 16: without the m_k inflation, mean resampling rounds rise."""
+    """Paper App. D.4 / Fig. 16: without the m_k inflation, mean resampling rounds rise."""
     mean_rounds = {}
     for m_acc in (1.0, 5.0):
         rps = RatioPreservingSampler(TASKS, 32, max_inflation=m_acc, seed=1)
@@ -104,7 +105,7 @@ def test_acceptance_aware_sampling_needs_fewer_rounds():
 
 
 def test_first_round_requests_follow_inflated_weights():
-    """AAS: round 1 draws from z_k*m_k / sum, m_k = min(1/(1-rho_k), M_acc) (spec §3.1)."""
+    """AAS: round 1 draws from z_k*m_k / sum, m_k = min(1/(1-rho_k), M_acc) (Alg. 2)."""
     rps = RatioPreservingSampler(TASKS, 20, draw_mode="exact", max_inflation=5.0)
     rps.set_state({**rps.get_state(), "rho": {"countdown": 0.1, "zebra": 0.5, "arc": 0.9}})
     m = np.array([1 / 0.9, 2.0, 5.0])  # 1/(1-0.9) = 10 is capped at 5
@@ -157,7 +158,7 @@ def test_round_sizes_respect_round_multiple():
 
 
 def test_rho_is_a_per_round_ema_of_filtered_fractions():
-    """Loop reference: rho_k <- d*rho_k + (1-d)*filtered_k/generated_k per round (§3.2, §9.17)."""
+    """Loop reference: rho_k <- d*rho_k + (1-d)*filtered_k/generated_k per round (the released code)."""
     d = 0.9
     rps = RatioPreservingSampler(TASKS, 16, rho_decay=d, seed=9)
     gen = MockGenerator(RATES)
@@ -366,7 +367,7 @@ def test_scaled_targets_are_rescaled_reference_shares():
         res = rps.run_step([0.3, 0.3, 0.4], MockGenerator(RATES))
         assert abs(sum(res.targets.values()) - 10) <= 2
         assert len(res.batch) <= 10
-    # Without AAS the reference shares are round 1's own draw (the released code, §3.2).
+    # Without AAS the reference shares are round 1's own draw (the released code).
     rps = RatioPreservingSampler(TASKS, 10, target_mode="scaled", max_inflation=1.0, seed=0)
     for _ in range(20):
         res = rps.run_step([0.3, 0.3, 0.4], MockGenerator(RATES))
@@ -382,7 +383,7 @@ def test_scaled_targets_are_rescaled_reference_shares():
         # rewards               strict lenient lenient_code none
         ((0.0, 0.0, 0.0), (True, True, True, False)),
         ((1.0, 1.0, 1.0), (True, True, True, False)),
-        ((0.1, 0.1, 0.1), (True, True, False, False)),  # format-only: code keeps it (§9.10)
+        ((0.1, 0.1, 0.1), (True, True, False, False)),  # format-only: code keeps it
         ((0.0, 0.1, 0.0), (True, False, False, False)),  # no correct rollout: strict drops
         ((1.0, 0.0, 0.1), (False, False, False, False)),
         ((0.5, 0.5), (True, True, False, False)),

@@ -87,7 +87,7 @@ def test_table_matches_loop_reference():
 
 
 def test_worked_example():
-    """One prompt, G = 4 (the spec's §9 example), hand-picked MC values."""
+    """One prompt, G = 4 (a worked example), hand-picked MC values."""
     c = np.array([[1, 1, 0, 0]])
     r = np.array([[-0.01, -0.16, -0.04, -0.49]])
     mc = np.array([[-0.05, -0.10, -0.20, -0.30]])

@@ -151,7 +151,7 @@ def _layout(lengths0, lengths1, tc):
 
 
 def test_blockwise_token_advantages_match_the_spec_example():
-    # bae.md §9: c = [1,1,0,0], q = [0.9,0.6,0.2,0.7], Brier confidence reward.
+    # A worked example: c = [1,1,0,0], q = [0.9,0.6,0.2,0.7], Brier confidence reward.
     c = np.array([[1, 1, 0, 0]], bool)
     q = np.array([0.9, 0.6, 0.2, 0.7])
     r = np.stack([c[0].astype(float), -((q - c[0]) ** 2)], -1)[None].astype(np.float32)
@@ -370,7 +370,7 @@ def test_rlcr_baseline_is_grpo_on_the_structured_tasks_total_reward(nano_model, 
 
 
 def test_rlcr_advantage_is_one_scalar_on_all_tokens():
-    # bae.md §9: R = c - (q - c)^2 = [0.99, 0.84, -0.04, -0.49] gives A = R - mean(R).
+    # The worked example: R = c - (q - c)^2 = [0.99, 0.84, -0.04, -0.49] gives A = R - mean(R).
     rewards = np.array([[0.99, 0.84, -0.04, -0.49]], np.float32)
     cfg = load_config(None, ["loss.estimator=dr_grpo"])
     adv = loop.compute_advantages(rewards, np.ones((1, 4), bool), cfg)

@@ -70,7 +70,7 @@ def test_mt_grpo_run_moves_task_weights_and_logs_per_task_metrics(nano_model, tm
 @pytest.mark.parametrize("ablation", ["grpo_rps", "grpo_iwu"])
 def test_mt_grpo_ablations(nano_model, tmp_path, monkeypatch, ablation):
     """GRPO+RPS keeps z uniform but preserves per-task counts after filtering; GRPO+IWU adapts
-    z but draws one unfiltered round, so nothing is preserved or resampled (spec §7.3)."""
+    z but draws one unfiltered round, so nothing is preserved or resampled (the paper's App. D.2 ablation)."""
     rates = {"reverse@1": 0.9, "addition@1": 0.5, "countdown@2": 0.2}
     rng = np.random.default_rng(1)
 
