@@ -567,6 +567,11 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         writer = metrics_lib.MultiWriter(
             [writer, metrics_lib.TensorBoardWriter(cfg.logging.dir or workdir / "tensorboard")]
         )
+    if lead and cfg.logging.wandb.enabled:
+        wb = cfg.logging.wandb
+        writer = metrics_lib.MultiWriter([writer, metrics_lib.WandbWriter(
+            project=wb.project, entity=wb.entity, name=wb.name or workdir.name, mode=wb.mode,
+            dir=wb.dir, tags=wb.tags)])
     writer.write_hparams({**flatten_config(cfg), "perf/peak_flops_source": peak_source})
     guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
     progress = (metrics_lib.ProgressBar(cfg.train.steps, stream=stream)
