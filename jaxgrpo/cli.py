@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("jaxgrpo.train.cli_train", "train a policy (no config: the built-in demo)"),
     "sft": ("jaxgrpo.train.cli_sft", "supervised warm start on gold answers"),
     "eval": ("jaxgrpo.train.cli_eval", "per-task accuracy of a checkpoint"),
+    "export": ("jaxgrpo.train.cli_export",
+               "write a run's checkpoint as a Hugging Face model directory"),
     "tasks": ("jaxgrpo.tasks.cli", "list built-in tasks, or sample records from one"),
     "score": ("jaxgrpo.tasks.cli_score", "score JSONL completions offline with a task's verifier"),
     "compile": ("jaxgrpo.train.cli_compile",

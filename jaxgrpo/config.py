@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import math
 import os
 import types
@@ -604,6 +605,25 @@ class CheckpointConfig:
         _positive("checkpoint.keep", self.keep)
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Optional Weights & Biases logging (needs ``pip install wandb``; never required)."""
+
+    enabled: bool = False
+    project: str = "jaxgrpo"
+    entity: str | None = None  # default: the logged-in user's
+    name: str | None = None  # run name; default: the last part of train.workdir
+    mode: str = "online"  # "offline": files under dir, `wandb sync` uploads them later
+    dir: str | None = None  # local directory for wandb's files; default: wandb's
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _need(self.mode in WANDB_MODES, "logging.wandb.mode", f"one of {WANDB_MODES}", self.mode)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     dir: str | None = None  # TensorBoard event files; default: <train.workdir>/tensorboard
@@ -611,6 +631,7 @@ class LoggingConfig:
     jsonl: bool = True
     tensorboard: bool = False
     progress: bool = True
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _positive("logging.every", self.every)
@@ -771,6 +792,9 @@ def validate(cfg: ExperimentConfig, *, num_devices: int | None = None,
     """
     if check_paths:
         _check_output_paths(cfg)
+    if cfg.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("'logging.wandb.enabled' is true but wandb is not installed: "
+                          "pip install wandb, or set logging.wandb.enabled=false")
     if check_paths and cfg.model.path is not None:
         path = os.path.expanduser(cfg.model.path)
         if os.path.isfile(path):

@@ -38,7 +38,7 @@ from jaxgrpo import paths
 
 __all__ = [
     "JsonlWriter", "MetricWriter", "MultiWriter", "NonFiniteError", "NonFiniteGuard",
-    "NullWriter", "ProgressBar", "TensorBoardWriter", "ThroughputMeter", "lm_train_flops_per_token", "mfu",
+    "NullWriter", "ProgressBar", "TensorBoardWriter", "ThroughputMeter", "WandbWriter", "lm_train_flops_per_token", "mfu",
     "per_task_metrics", "process_zero_only", "read_jsonl", "to_scalars",
 ]
 
@@ -237,6 +237,43 @@ class TensorBoardWriter:
             self._staged.sync()
             self._staged.remove()
             self._staged = None
+
+
+class WandbWriter:
+    """Weights & Biases (``wandb``, imported when the writer is created; an optional package).
+
+    Scalars go to ``wandb.log`` at their step, hyper-parameters to the run's config. ``mode``
+    ``"offline"`` writes the run under ``dir`` without any network (``wandb sync DIR`` uploads
+    it later, e.g. from a machine with access).
+
+    Raises:
+      ImportError: wandb is not installed (a one-line message saying how to install it).
+    """
+
+    def __init__(self, *, project: str, entity: str | None = None, name: str | None = None,
+                 mode: str = "online", dir: str | os.PathLike | None = None,
+                 tags: Sequence[str] = ()):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("logging.wandb.enabled needs wandb: pip install wandb") from None
+        kw = {} if dir is None else {"dir": os.fspath(dir)}
+        if dir is not None:
+            os.makedirs(os.fspath(dir), exist_ok=True)
+        self._run = wandb.init(project=project, entity=entity, name=name, mode=mode,
+                               tags=list(tags), reinit="create_new", **kw)
+
+    def write_scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._run.log(to_scalars(metrics), step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._run.config.update({k: v for k, v in hparams.items()}, allow_val_change=True)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 class MultiWriter:

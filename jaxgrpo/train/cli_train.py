@@ -9,8 +9,10 @@ from jaxgrpo.train.cli_common import add_config_arguments, fail, load
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in the run's directory")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                        help="continue from the latest checkpoint in the run's directory; "
+                        "'--resume auto' does so when there is one and starts a fresh run "
+                        "otherwise (for restarts after a preemption)")
 
 
 def run(args) -> int:
@@ -30,6 +32,11 @@ def run(args) -> int:
             summary = loop.run(cfg, resume=args.resume, stream=beat)
         except NonFiniteError as e:
             return fail(str(e))
+        if "preempted_at" in summary:  # SIGTERM: a checkpoint of the last step, a clean exit
+            print(f"jaxgrpo: stopped after step {summary['preempted_at']} (SIGTERM); checkpoint "
+                  f"in {summary['checkpoint_dir']}: rerun the same command with --resume to "
+                  "continue", file=sys.stderr)
+            return 0
     print(format_summary(summary), file=sys.stdout)
     return 0
 
@@ -50,5 +57,5 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{k:<{width}}  " + "  ".join(f"{v:>10.3f}" for v in vals))
     lines.append("")
     lines.append(f"run files: {summary['workdir']}  (config.yaml, metrics.jsonl, checkpoints/"
-                 + (", sft_model/" if init else "") + ")")
+                 + (", sft_model/" if init else "") + ", final_model/)")
     return "\n".join(lines)

@@ -70,6 +70,7 @@ from jaxgrpo.train import rollouts, sft
 from jaxgrpo.train.mtgrpo import TaskWeightUpdater
 from jaxgrpo.train.optim import make_optimizer
 from jaxgrpo.train.policy import build_policy, special_ids
+from jaxgrpo.train.preemption import PreemptionWatch
 from jaxgrpo.train.state import ModelParts, init_train_state, split_model
 from jaxgrpo.train.step import StepConfig, make_train_step
 
@@ -369,13 +370,66 @@ def warm_start(cfg: ExperimentConfig, su: Setup, params, out_dir: epath.PathLike
     params = _warm_start(cfg, su.policy, params, su.tasks, su.names, su.ratios, su.workdir, su.log,
                          stream=su.stream)
     if out_dir is not None:
-        from jaxgrpo.model import save_hf
-
-        with paths.local_dir(out_dir) as local:
-            save_hf(su.policy.parts.merge(params), local)
-            su.policy.tokenizer.save_pretrained(str(local))
+        save_policy_hf(su.policy, params, out_dir)
         su.log(f"SFT model saved (HF format) to {out_dir}")
     return params
+
+
+def save_policy_hf(policy: Policy, params, out_dir: epath.PathLike) -> None:
+    """The policy with ``params`` as an HF directory (``config.json``, ``model.safetensors``
+    and the tokenizer) that ``transformers`` and ``jaxgrpo.model.load_hf`` load.
+
+    ``out_dir`` is local or a URI (written to a local staging directory, then copied there by
+    ``jaxgrpo.paths.local_dir``). With several processes every process must call this (each
+    parameter is gathered to every host); process 0 writes.
+    """
+    from jaxgrpo.model import save_hf
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = jax.tree.map(lambda a: multihost_utils.process_allgather(a, tiled=True), params)
+    if jax.process_index() != 0:
+        return
+    with paths.local_dir(out_dir) as local:
+        save_hf(policy.parts.merge(params), local)
+        policy.tokenizer.save_pretrained(str(local))
+
+
+def export_checkpoint(cfg: ExperimentConfig, run_dir: epath.PathLike, out_dir: epath.PathLike,
+                      *, step: int | None = None) -> int:
+    """Writes checkpoint ``step`` (default: the latest) of the run in ``run_dir`` (its
+    ``train.workdir``; ``cfg`` is the run's own config) to ``out_dir`` in the HF format, as
+    :func:`save_policy_hf` does; returns the step. One process, the default device.
+
+    Raises:
+      FileNotFoundError: no checkpoint directory, or no committed checkpoint for ``step``.
+    """
+    import tempfile
+
+    run_dir = paths.as_path(run_dir)
+    ckpt_dir = paths.as_path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir, create=False)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}: nothing to export")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; available steps: "
+                                + ", ".join(map(str, steps)))
+    with tempfile.TemporaryDirectory(prefix="jaxgrpo-export-") as tmp:
+        # The architecture and tokenizer come from the config (the preset's tokenizer is
+        # rebuilt in a scratch directory); the weights from the checkpoint.
+        model, tokenizer = build_policy(cfg.model, seed=cfg.train.seed,
+                                        workdir=epath.Path(tmp))
+        parts, params = split_model(model)
+        abstract = jax.eval_shape(lambda: initial_state(cfg, params))
+        state, _ = ckpt.restore(step, abstract_state=abstract)
+        ckpt.close()
+        policy = Policy(parts, nnx.graphdef(model), tokenizer, *special_ids(tokenizer))
+        save_policy_hf(policy, state.params, out_dir)
+    return step
 
 
 def optimizer(cfg: ExperimentConfig):
@@ -406,13 +460,21 @@ def sharded_state(cfg: ExperimentConfig, params, mesh, tx):
 
 
 def run(
-    cfg: ExperimentConfig, *, resume: bool = False, stop_after: int | None = None, stream=sys.stderr
+    cfg: ExperimentConfig, *, resume: bool | str = False, stop_after: int | None = None,
+    stream=sys.stderr,
 ) -> dict:
     """Trains as configured; returns a summary with per-task accuracy before and after.
 
-    ``resume`` continues from the latest checkpoint under the run's directory. ``stop_after``
-    ends this process's work after that many steps (with a checkpoint), as a preemption would;
-    a later ``resume`` continues exactly where it stopped.
+    ``resume`` continues from the latest checkpoint under the run's directory; ``"auto"`` does
+    so when there is one and starts a fresh run otherwise (the log says which). ``stop_after``
+    ends this process's work after that many steps (with a checkpoint); a later ``resume``
+    continues exactly where it stopped.
+
+    A SIGTERM (or, with several processes, JAX's preemption notice on any host) ends the run
+    after the current step with a checkpoint of that step (:mod:`jaxgrpo.train.preemption`):
+    the summary then has ``preempted_at`` (the saved step) and no ``accuracy_after``. At the
+    end of a complete run the policy is exported in the HF format to
+    ``<train.workdir>/final_model``.
 
     Joins a multi-host run first (``cfg.distributed`` or the environment; nothing happens for a
     single process), then builds the mesh ``cfg.mesh`` over every device and trains under it.
@@ -435,6 +497,8 @@ def run(
             "processes run `jaxgrpo sft` first and start RL from its HF checkpoint (model.path), "
             "with model.sft.steps=0"
         )
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
     # Every refusal comes before anything is written, built or compiled.
     check_run_directory(cfg, resume=resume)
     check_blockwise(cfg, resolve_tasks(cfg)[1])
@@ -451,8 +515,9 @@ def run(
         if lead:
             print(f"[jaxgrpo] train: {cfg.train.steps} RL steps, run files in "
                   f"{cfg.train.workdir}", file=stream, flush=True)
-        with jax.set_mesh(mesh):
-            return _run(cfg, mesh, resume=resume, stop_after=stop_after, stream=stream)
+        with jax.set_mesh(mesh), PreemptionWatch() as watch:
+            return _run(cfg, mesh, resume=resume, stop_after=stop_after, stream=stream,
+                        watch=watch)
     finally:
         if beat is not None:
             beat.close()
@@ -465,15 +530,16 @@ def checkpoint_dir(cfg: ExperimentConfig) -> epath.Path:
     return paths.as_path(cfg.train.workdir) / "checkpoints"
 
 
-def check_run_directory(cfg: ExperimentConfig, *, resume: bool) -> None:
+def check_run_directory(cfg: ExperimentConfig, *, resume: bool | str) -> None:
     """Refuses, before anything is written, a fresh run over an old run's checkpoints and a
-    ``--resume`` with nothing to resume (one-line :class:`InputError`)."""
+    ``--resume`` with nothing to resume (one-line :class:`InputError`); ``resume="auto"``
+    accepts both."""
     ckpt_dir = checkpoint_dir(cfg)
     steps = committed_steps(ckpt_dir)
     if steps and not resume:
         raise InputError(f"{ckpt_dir} already holds checkpoints (step {steps[-1]}): pass "
                          "--resume to continue that run, or set train.workdir to a new directory")
-    if resume and not steps:
+    if resume is True and not steps:
         raise InputError(f"--resume: nothing to resume, {ckpt_dir} holds no committed "
                          "checkpoint: start without --resume (or give the run's train.workdir)")
 
@@ -497,7 +563,8 @@ def check_resources(cfg: ExperimentConfig):
     return resources.check(cfg, mcfg)
 
 
-def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, stream) -> dict:
+def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | None, stream,
+         watch: PreemptionWatch) -> dict:
     # ---- SET-UP --------------------------------------------------------------------------
     su = setup(cfg, stream=stream, mesh=mesh)
     workdir, names, tasks, ratios, policy, log = (
@@ -515,7 +582,9 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     # ---- CHECKPOINTS ---------------------------------------------------------------------
     ckpt_dir = paths.as_path(cfg.checkpoint.dir) if cfg.checkpoint.dir else workdir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, asynchronous=cfg.checkpoint.asynchronous)
-    restoring = resume and ckpt.latest_step() is not None
+    restoring = bool(resume) and ckpt.latest_step() is not None
+    if resume == "auto" and not restoring:
+        log(f"--resume auto: no checkpoint in {ckpt_dir}: starting a fresh run")
     if not resume and ckpt.latest_step() is not None:
         raise ValueError(
             f"{ckpt_dir} already holds checkpoints (step {ckpt.latest_step()}): pass --resume to "
@@ -572,6 +641,11 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         writer = metrics_lib.MultiWriter(
             [writer, metrics_lib.TensorBoardWriter(cfg.logging.dir or workdir / "tensorboard")]
         )
+    if lead and cfg.logging.wandb.enabled:
+        wb = cfg.logging.wandb
+        writer = metrics_lib.MultiWriter([writer, metrics_lib.WandbWriter(
+            project=wb.project, entity=wb.entity, name=wb.name or workdir.name, mode=wb.mode,
+            dir=wb.dir, tags=wb.tags)])
     writer.write_hparams({**flatten_config(cfg), "perf/peak_flops_source": peak_source})
     guard = metrics_lib.NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
     progress = (metrics_lib.ProgressBar(cfg.train.steps, stream=stream)
@@ -593,6 +667,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     )
     pending = None  # (step, host metrics, device metrics): fetched one step late
     end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    preempted_at = None
     for step in range(start_step, end_step):
         first = step == start_step
         metrics_lib.set_phase(stream, f"RL step {step + 1}/{cfg.train.steps}: rollouts"
@@ -676,12 +751,22 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
             _save(ckpt, state, prompts, batcher, mt, summary, cfg)
             last_saved = step + 1
+        if step + 1 < cfg.train.steps and watch.reached(step + 1):
+            preempted_at = step + 1
+            break
     if pending is not None:
         _flush(pending, writer, guard, progress)
     if last_saved != int(state.step):
         _save(ckpt, state, prompts, batcher, mt, summary, cfg)
     ckpt.wait()
     ckpt.close()
+    if preempted_at is not None:
+        writer.close()
+        log(f"{watch.signal_name} received: stopped after step {preempted_at} of "
+            f"{cfg.train.steps} with a checkpoint in {ckpt_dir}; continue with --resume")
+        summary.update(preempted_at=preempted_at, checkpoint_dir=str(ckpt_dir),
+                       params=state.params, task_sampler_state=prompts.get_state())
+        return summary
 
     # ---- FINAL EVALUATION ----------------------------------------------------------------
     metrics_lib.set_phase(stream, "final evaluation")
@@ -690,6 +775,10 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     )
     writer.write_scalars(cfg.train.steps, {f"eval/{k}/accuracy": v for k, v in summary["accuracy_after"].items()})
     writer.close()
+    if int(state.step) == cfg.train.steps:  # (not after stop_after)
+        final = workdir / "final_model"
+        save_policy_hf(policy, state.params, final)
+        log(f"final policy saved (HF format) to {final}")
     summary["params"] = state.params
     summary["task_sampler_state"] = prompts.get_state()
     return summary

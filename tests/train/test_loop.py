@@ -162,8 +162,12 @@ def test_run_on_gs_uris_writes_everything_there_and_resumes(nano_model, fake_gcs
     assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["2", "4"]
     steps = [r["step"] for r in map(json.loads, open(bucket / "runs" / "a" / "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4, 4]  # the four steps, then the final evaluation
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (bucket / "runs" / "a" / "final_model" / f).is_file(), f
     assert {s for _, s, _ in _tb_scalars(bucket / "tb" / "a")} >= {1, 2, 3, 4}
     capsys.readouterr()
     args = ["eval", *tiny_overrides(run), "--run", run]
     assert cli.main(args) == 0
     assert "mean" in capsys.readouterr().out
+    assert cli.main(["export", "--run", run, "--step", "2", "--out", "gs://bucket/export"]) == 0
+    assert (bucket / "export" / "model.safetensors").is_file()
