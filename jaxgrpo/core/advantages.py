@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,13 +92,9 @@ def _check_ddof(value) -> int:
 
 def _float_input(name: str, x, ndim: int, layout: str) -> jax.Array:
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array {layout}, got dtype {x.dtype}; "
-            "cast it with .astype(jnp.float32)"
-        )
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have rank {ndim} {layout}, got shape {x.shape}")
+    chex.assert_type(x, float, custom_message=f"{name} must be a floating-point array {layout}: "
+                     "cast it with .astype(jnp.float32)", exception_type=TypeError)
+    chex.assert_rank(x, ndim, custom_message=f"{name} must be {layout}", exception_type=ValueError)
     # Float32 unless the caller already works in a wider type.
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 

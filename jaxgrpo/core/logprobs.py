@@ -27,6 +27,7 @@ gradient).
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,8 @@ import numpy as np
 
 def _check_targets(targets, shape: tuple[int, int], vocab_size: int) -> jax.Array:
     targets = jnp.asarray(targets)
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise TypeError(f"targets must be an integer array of token ids, got dtype {targets.dtype}")
+    chex.assert_type(targets, int, custom_message="targets must be integer token ids",
+                     exception_type=TypeError)
     if targets.shape != shape:
         raise ValueError(f"targets shape {targets.shape} must be [N, T] = {shape}")
     if not isinstance(targets, jax.core.Tracer) and targets.size:
@@ -82,10 +83,10 @@ def token_logprobs(logits, targets, *, return_entropy: bool = False):
         float32 ``[N, T]`` log-probs, or ``(logp, entropy)`` with ``entropy`` float32 ``[N, T]``.
     """
     logits = jnp.asarray(logits)
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be [N, T, V], got shape {logits.shape}")
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
+    chex.assert_rank(logits, 3, custom_message="logits must be [N, T, V]",
+                     exception_type=ValueError)
+    chex.assert_type(logits, float, custom_message="logits must be floating point",
+                     exception_type=TypeError)
     targets = _check_targets(targets, logits.shape[:2], logits.shape[2])
     z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     logp, entropy = _logp_entropy_from_logits(z, targets, return_entropy)
@@ -126,13 +127,13 @@ def chunked_token_logprobs(
     """
     hidden = jnp.asarray(hidden)
     unembedding = jnp.asarray(unembedding)
-    if hidden.ndim != 3:
-        raise ValueError(f"hidden must be [N, T, D], got shape {hidden.shape}")
-    if unembedding.ndim != 2:
-        raise ValueError(f"unembedding must be [D, V], got shape {unembedding.shape}")
+    chex.assert_rank(hidden, 3, custom_message="hidden must be [N, T, D]",
+                     exception_type=ValueError)
+    chex.assert_rank(unembedding, 2, custom_message="unembedding must be [D, V]",
+                     exception_type=ValueError)
     for name, x in (("hidden", hidden), ("unembedding", unembedding)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        chex.assert_type(x, float, custom_message=f"{name} must be floating point",
+                         exception_type=TypeError)
     n, t, d = hidden.shape
     if unembedding.shape[0] != d:
         raise ValueError(
@@ -143,8 +144,8 @@ def chunked_token_logprobs(
         bias = jnp.asarray(bias)
         if bias.shape != (v,):
             raise ValueError(f"bias must be [V] = ({v},), got shape {bias.shape}")
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise TypeError(f"bias must be a floating array, got dtype {bias.dtype}")
+        chex.assert_type(bias, float, custom_message="bias must be floating point",
+                         exception_type=TypeError)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a Python int >= 1, got {chunk_size!r}")
     targets = _check_targets(targets, (n, t), v)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,10 +75,10 @@ _MAX_TERMS = ("ratio_max",)
 def _check_float(name: str, x, ndim: int | tuple[int, ...], n: int | None = None, t=None):
     x = jnp.asarray(x)
     ndims = (ndim,) if isinstance(ndim, int) else ndim
-    if x.ndim not in ndims:
-        raise ValueError(f"{name} must have rank {' or '.join(map(str, ndims))}, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    chex.assert_rank(x, set(ndims), custom_message=f"{name} must have rank "
+                     f"{' or '.join(map(str, ndims))}", exception_type=ValueError)
+    chex.assert_type(x, float, custom_message=f"{name} must be floating point",
+                     exception_type=TypeError)
     if n is not None and x.shape[0] != n:
         raise ValueError(f"{name} has {x.shape[0]} rows, expected N={n} (like logp)")
     if t is not None and x.ndim == 2 and x.shape[1] != t:
