@@ -70,7 +70,8 @@ def _check_nonneg_number(name: str, value):
     """A Python number >= 0 (returned as float), or a traced scalar (returned unchecked)."""
     if isinstance(value, jax.core.Tracer):
         if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a float scalar, got a traced {value.dtype}{value.shape}")
+            raise TypeError(f"{name} must be a float scalar, got a traced "
+                            f"{value.dtype}{value.shape}")
         return value
     if isinstance(value, bool) or not isinstance(value, _REALS):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")

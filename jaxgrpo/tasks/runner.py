@@ -20,14 +20,15 @@ Each task object is pickled once per pool and sent to a worker only the first ti
 needs it; the worker then calls ``task.warmup()`` (heavy imports) before any deadline starts. A
 task is serialised with ``cloudpickle``, so one whose class is defined in ``__main__`` (a
 training script) or in a function, or that holds a lambda, is sent by value and gets the same
-time and memory limits in a worker as any other. A task that neither can serialise (it holds a lock, an open file, a live connection), or
-that fails to load in a worker, is refused with a ``ValueError`` saying so: scoring it in this
-process would have no time limit (``score_many(..., workers=0)`` does that on request).
+time and memory limits in a worker as any other. A task that cloudpickle cannot serialise (it
+holds a lock, an open file, a live connection), or that fails to load in a worker, is refused
+with a ``ValueError`` saying so: scoring it in this process would have no time limit
+(``score_many(..., workers=0)`` does that on request).
 
 Limits: ``timeout_s`` per call (default 2 s), ``workers`` processes (default 2). Starting a worker
 costs about 0.3-1 s and is not counted against any item's time limit (a worker that is not ready
-after 60 s gives ``error="worker failed to start"``); the module-level default pool (``score_many(..., pool=None)``) is reused
-across calls and closed at interpreter exit.
+after 60 s gives ``error="worker failed to start"``); the module-level default pool
+(``score_many(..., pool=None)``) is reused across calls and closed at interpreter exit.
 """
 
 from __future__ import annotations

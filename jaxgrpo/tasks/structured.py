@@ -48,9 +48,10 @@ which has no format term):
   parse.
 
 With ``format_gate=True, on_malformed="fail_all", format_reward=1, conf_reward="brier"``,
-``Score.reward = 2 R - 1`` for RLCR's total ``R = 0.5 format + 0.5 accuracy + 0.5 (1 - (c - q)^2)``
-(arXiv:2507.16806, as its released reward functions compute it): ``1 + c - (q - c)^2`` when well formed, ``-1``
-otherwise, an affine map that leaves group-normalised advantages unchanged. What is *not* RLCR's
+``Score.reward = 2 R - 1`` for RLCR's total
+``R = 0.5 format + 0.5 accuracy + 0.5 (1 - (c - q)^2)`` (arXiv:2507.16806, as its released
+reward functions compute it): ``1 + c - (q - c)^2`` when well formed, ``-1`` otherwise, an
+affine map that leaves group-normalised advantages unchanged. What is *not* RLCR's
 behaviour here: RLCR's layout is ``<think>…</think>`` (any text before ``</think>``) then answer,
 analysis and confidence, where ours is the tag set's (``<reasoning>`` for ``"full"``, leading
 text not allowed); RLCR reads the *last* ``<answer>`` and ``<confidence>``, we require exactly

@@ -324,8 +324,8 @@ def test_empirical_distribution_matches_the_filtered_softmax_chi_square(top_k, t
                              top_k=top_k, top_p=top_p)
     logp = np.asarray(jax.jit(filt)(jnp.broadcast_to(jnp.asarray(logits), (4, v))))
     np.testing.assert_array_equal(np.isfinite(logp), np.broadcast_to(keep, (4, v)))
-    np.testing.assert_allclose(logp[:, keep], np.log(np.broadcast_to(target[keep], (4, keep.sum()))),
-                               atol=1e-5)
+    want = np.broadcast_to(np.log(target[keep]), (4, keep.sum()))
+    np.testing.assert_allclose(logp[:, keep], want, atol=1e-5)
     draw = jax.jit(lambda lp, key: sampler_mod._inverse_cdf(jnp.exp(lp), key))
     tok = np.asarray(draw(jnp.broadcast_to(jnp.asarray(logp[0]), (n, v)), jax.random.key(0)))
     counts = np.bincount(tok, minlength=v)
