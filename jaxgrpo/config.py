@@ -323,9 +323,13 @@ class TasksConfig:
     prompts_per_step: int = 16  # P
     seed: int = 0
     eval_prompts: int = 64  # per task
+    # Address-space limit of each verifier worker process, in MB (0 = no limit): a verifier
+    # allocating past it scores 0 with a counted "out of memory" error.
+    verifier_memory_mb: int = 4096
 
     def __post_init__(self):
         _positive("tasks.prompts_per_step", self.prompts_per_step)
+        _nonneg("tasks.verifier_memory_mb", self.verifier_memory_mb)
         _nonneg("tasks.seed", self.seed)
         _nonneg("tasks.eval_prompts", self.eval_prompts)
         if isinstance(self.mixture, str):

@@ -288,3 +288,13 @@ def test_mt_grpo_paper_configs_carry_the_paper_settings(name, tasks, b, g, mb_pr
     assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.kl_coef) == (0.2, 0.28, 0.0)
     assert (cfg.optim.lr, cfg.train.steps, cfg.algo.mt_grpo.weight_lr) == (1e-6, 720, 0.025)
     assert (cfg.algo.sampling.oversample, cfg.algo.mt_grpo.max_inflation) == (3.0, 5.0)
+
+
+def test_verifier_memory_limit_reaches_the_scorer():
+    from jaxgrpo.train import loop
+
+    cfg = load_config(None, ["tasks.verifier_memory_mb=256"])
+    assert loop._scorer(cfg).keywords == {"memory_mb": 256}
+    assert loop._scorer(C.ExperimentConfig()).keywords == {"memory_mb": 4096}
+    with pytest.raises(ConfigError, match="tasks.verifier_memory_mb"):
+        load_config(None, ["tasks.verifier_memory_mb=-1"])

@@ -9,6 +9,20 @@ Degenerate inputs give exactly 0, never NaN: invalid samples, groups (or strata,
 whose valid rewards are all equal (detected exactly, not through ``std == 0`` after rounding),
 and groups with fewer valid samples than a statistic needs.
 
+Hyper-parameters: ``eps`` and ``ocb_kappa`` may be Python numbers (checked >= 0 at trace time) or
+traced float scalars (not range-checked; a new value does not recompile). ``std_ddof``, the modes
+and ``baselines`` are static; a traced ``std_ddof`` is refused with a ``TypeError``.
+
+NaN rewards are not checked (values are unknown at trace time) and are not hidden: a NaN (or
+inf) reward of a *valid* sample makes NaN every advantage whose baseline or scale averages over
+it, i.e. its whole group (``group_relative`` with ``scale="group"`` or ``"none"``; the whole
+batch with ``scale="batch"``), and in ``blockwise`` that block's advantages of its group
+(``"group_mean"``), its stratum (``"ocb"`` variants) or the batch (``"batch_mean"``), or its own
+entry only (``"none"``); with ``std_normalize``, also every advantage divided by a std taken
+over it. Other groups are unaffected. Mark samples
+that could not be scored ``valid=False`` instead: rewards at invalid positions are ignored, NaN
+included.
+
 Layout (see AGENTS.md): rewards ``[P, G]`` (``[P, G, K]`` for blocks), token arrays ``[N, T]``
 with row ``n = p * G + g``; ``flatten_groups`` turns ``[P, G, ...]`` into ``[N, ...]``.
 """
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +66,13 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_nonneg_number(name: str, value) -> float:
+def _check_nonneg_number(name: str, value):
+    """A Python number >= 0 (returned as float), or a traced scalar (returned unchecked)."""
+    if isinstance(value, jax.core.Tracer):
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a float scalar, got a traced "
+                            f"{value.dtype}{value.shape}")
+        return value
     if isinstance(value, bool) or not isinstance(value, _REALS):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     if not (value >= 0 and value != float("inf")):
@@ -60,6 +81,9 @@ def _check_nonneg_number(name: str, value) -> float:
 
 
 def _check_ddof(value) -> int:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError("std_ddof must be a static Python int (0 or 1), not a traced value: it "
+                        "decides which groups have a std (mark it static under jax.jit)")
     if isinstance(value, bool) or not isinstance(value, _INTS):
         raise TypeError(f"std_ddof must be a Python int (0 or 1), got {type(value).__name__}")
     if value < 0:
@@ -69,13 +93,9 @@ def _check_ddof(value) -> int:
 
 def _float_input(name: str, x, ndim: int, layout: str) -> jax.Array:
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array {layout}, got dtype {x.dtype}; "
-            "cast it with .astype(jnp.float32)"
-        )
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have rank {ndim} {layout}, got shape {x.shape}")
+    chex.assert_type(x, float, custom_message=f"{name} must be a floating-point array {layout}: "
+                     "cast it with .astype(jnp.float32)", exception_type=TypeError)
+    chex.assert_rank(x, ndim, custom_message=f"{name} must be {layout}", exception_type=ValueError)
     # Float32 unless the caller already works in a wider type.
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -224,8 +244,9 @@ def group_relative(
 
 
 def _sqrt0(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` with a finite gradient at 0; NaN stays NaN (not a zero spread)."""
     pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1)), 0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1)), jnp.where(jnp.isnan(x), x, 0))
 
 
 def blockwise(

@@ -17,21 +17,34 @@ Formulas, in float32 whatever the input dtype (bf16 logits are upcast before the
     logp[n, t]     = log_softmax(z[n, t])[targets[n, t]]
     entropy[n, t]  = -sum_v p[n, t, v] log p[n, t, v],   p = softmax(z[n, t])   (0 log 0 = 0)
 
-``targets`` must lie in ``[0, V)``; this is not checked (it cannot be under ``jit``).
+Target ids outside ``[0, V)`` (negative ones included, which would otherwise wrap around) give
+``logp = NaN`` at their positions, so a bad id cannot pass for a plausible log-prob; the entropy
+does not depend on the target. Concrete (non-traced) targets are range-checked up front and
+refused with a ``ValueError``; under ``jit`` the values are unknown at trace time and the NaN
+is what marks them (a masked-out position's NaN never reaches ``policy_loss``'s value or
+gradient).
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _check_targets(targets, shape: tuple[int, int]) -> jax.Array:
+def _check_targets(targets, shape: tuple[int, int], vocab_size: int) -> jax.Array:
     targets = jnp.asarray(targets)
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise TypeError(f"targets must be an integer array of token ids, got dtype {targets.dtype}")
+    chex.assert_type(targets, int, custom_message="targets must be integer token ids",
+                     exception_type=TypeError)
     if targets.shape != shape:
         raise ValueError(f"targets shape {targets.shape} must be [N, T] = {shape}")
+    if not isinstance(targets, jax.core.Tracer) and targets.size:
+        host = np.asarray(targets)
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"targets must be token ids in [0, V={vocab_size}), got values in "
+                             f"[{lo}, {hi}]")
     return targets
 
 
@@ -43,8 +56,11 @@ def _logp_entropy_from_logits(z: jax.Array, targets: jax.Array, with_entropy: bo
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     zs = z - shift
     lse = jnp.log(jnp.sum(jnp.exp(zs), axis=-1))
-    picked = jnp.take_along_axis(zs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    logp = picked - lse
+    v = z.shape[-1]
+    inside = (targets >= 0) & (targets < v)
+    idx = jnp.clip(targets, 0, v - 1).astype(jnp.int32)
+    picked = jnp.take_along_axis(zs, idx[..., None], axis=-1)[..., 0]
+    logp = jnp.where(inside, picked - lse, jnp.nan)
     if not with_entropy:
         return logp, None
     log_sm = zs - lse[..., None]
@@ -59,18 +75,19 @@ def token_logprobs(logits, targets, *, return_entropy: bool = False):
 
     Args:
         logits: float ``[N, T, V]`` (any float dtype; computed in float32).
-        targets: int ``[N, T]`` token ids in ``[0, V)``.
+        targets: int ``[N, T]`` token ids in ``[0, V)`` (outside: ``ValueError`` if concrete,
+            NaN log-probs if traced; see the module docstring).
         return_entropy: also return the entropy of each position's distribution.
 
     Returns:
         float32 ``[N, T]`` log-probs, or ``(logp, entropy)`` with ``entropy`` float32 ``[N, T]``.
     """
     logits = jnp.asarray(logits)
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be [N, T, V], got shape {logits.shape}")
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
-    targets = _check_targets(targets, logits.shape[:2])
+    chex.assert_rank(logits, 3, custom_message="logits must be [N, T, V]",
+                     exception_type=ValueError)
+    chex.assert_type(logits, float, custom_message="logits must be floating point",
+                     exception_type=TypeError)
+    targets = _check_targets(targets, logits.shape[:2], logits.shape[2])
     z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     logp, entropy = _logp_entropy_from_logits(z, targets, return_entropy)
     return (logp, entropy) if return_entropy else logp
@@ -98,7 +115,7 @@ def chunked_token_logprobs(
     Args:
         hidden: float ``[N, T, D]`` final hidden states.
         unembedding: float ``[D, V]`` output projection (the transposed embedding when tied).
-        targets: int ``[N, T]`` token ids in ``[0, V)``.
+        targets: int ``[N, T]`` token ids in ``[0, V)`` (as in :func:`token_logprobs`).
         chunk_size: logit rows (sequences x positions) per chunk, a Python int >= 1; a chunk
             covers ``max(1, chunk_size // N)`` positions of every sequence. Larger is faster,
             smaller saves memory.
@@ -110,13 +127,13 @@ def chunked_token_logprobs(
     """
     hidden = jnp.asarray(hidden)
     unembedding = jnp.asarray(unembedding)
-    if hidden.ndim != 3:
-        raise ValueError(f"hidden must be [N, T, D], got shape {hidden.shape}")
-    if unembedding.ndim != 2:
-        raise ValueError(f"unembedding must be [D, V], got shape {unembedding.shape}")
+    chex.assert_rank(hidden, 3, custom_message="hidden must be [N, T, D]",
+                     exception_type=ValueError)
+    chex.assert_rank(unembedding, 2, custom_message="unembedding must be [D, V]",
+                     exception_type=ValueError)
     for name, x in (("hidden", hidden), ("unembedding", unembedding)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        chex.assert_type(x, float, custom_message=f"{name} must be floating point",
+                         exception_type=TypeError)
     n, t, d = hidden.shape
     if unembedding.shape[0] != d:
         raise ValueError(
@@ -127,11 +144,11 @@ def chunked_token_logprobs(
         bias = jnp.asarray(bias)
         if bias.shape != (v,):
             raise ValueError(f"bias must be [V] = ({v},), got shape {bias.shape}")
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise TypeError(f"bias must be a floating array, got dtype {bias.dtype}")
+        chex.assert_type(bias, float, custom_message="bias must be floating point",
+                         exception_type=TypeError)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a Python int >= 1, got {chunk_size!r}")
-    targets = _check_targets(targets, (n, t))
+    targets = _check_targets(targets, (n, t), v)
 
     c = min(max(1, chunk_size // max(n, 1)), max(t, 1))  # positions per chunk
     num_chunks = -(-t // c)

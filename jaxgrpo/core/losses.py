@@ -41,9 +41,9 @@ rows included, which is TRL 1.16's ``grpo`` (``.mean()`` over rows) and ``dr_grp
 (``N * max_completion_length``) convention; ``token_mean`` is TRL's ``dapo`` with
 ``num_items_in_batch`` the number of valid tokens. ``max_len`` defaults to ``T`` (the padded
 length); pass the configured maximum completion length to match Dr. GRPO / TRL when the batch is
-padded shorter than that. Every denominator is additive over rows, so summing
-``policy_loss_terms`` over micro-batches and dividing once reproduces the full-batch loss and
-gradient exactly.
+padded shorter than that (the other modes accept ``max_len`` and ignore it). Every denominator
+is additive over rows, so summing ``policy_loss_terms`` over micro-batches and dividing once
+reproduces the full-batch loss and gradient exactly.
 
 Masked-out positions are removed with ``where`` before any arithmetic, so NaN or inf there never
 reaches the loss or its gradient (the gradient there is exactly 0).
@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,15 +75,20 @@ _MAX_TERMS = ("ratio_max",)
 def _check_float(name: str, x, ndim: int | tuple[int, ...], n: int | None = None, t=None):
     x = jnp.asarray(x)
     ndims = (ndim,) if isinstance(ndim, int) else ndim
-    if x.ndim not in ndims:
-        raise ValueError(f"{name} must have rank {' or '.join(map(str, ndims))}, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    chex.assert_rank(x, set(ndims), custom_message=f"{name} must have rank "
+                     f"{' or '.join(map(str, ndims))}", exception_type=ValueError)
+    chex.assert_type(x, float, custom_message=f"{name} must be floating point",
+                     exception_type=TypeError)
     if n is not None and x.shape[0] != n:
         raise ValueError(f"{name} has {x.shape[0]} rows, expected N={n} (like logp)")
     if t is not None and x.ndim == 2 and x.shape[1] != t:
         raise ValueError(f"{name} has {x.shape[1]} tokens, expected T={t} (like logp)")
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _traced(x) -> bool:
+    """True for a value only known at run time (an argument of an enclosing ``jax.jit``)."""
+    return isinstance(x, jax.core.Tracer)
 
 
 def _kl(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
@@ -142,24 +148,35 @@ def policy_loss_terms(
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    if not 0.0 <= clip_low < 1.0:
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high),
+                        ("dual_clip", dual_clip), ("kl_coef", kl_coef)):
+        if value is not None and not _traced(value) and jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    if not _traced(clip_low) and not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
-    if not clip_high >= 0.0:
+    if not _traced(clip_high) and not clip_high >= 0.0:
         raise ValueError(f"clip_high must be >= 0, got {clip_high}")
-    if dual_clip is not None and not dual_clip > 1.0:
+    if dual_clip is not None and not _traced(dual_clip) and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be None or a constant > 1 (e.g. 3.0), got {dual_clip}")
-    if kl_coef != 0.0 and ref_logp is None:
+    # A traced kl_coef may be non-zero, so the KL term is always built with it.
+    use_kl = _traced(kl_coef) or kl_coef != 0.0
+    if use_kl and ref_logp is None:
+        if _traced(kl_coef):
+            raise ValueError("kl_coef is traced, so it may be non-zero: pass ref_logp, or pass "
+                             "kl_coef as the Python float 0.0 to train without a reference")
         raise ValueError("ref_logp is required when kl_coef != 0 (the KL is to the reference)")
     if agg == "block_mean" and token_weights is None:
         raise ValueError("token_weights [N, T] is required with agg='block_mean'")
     if agg != "block_mean" and token_weights is not None:
         raise ValueError(f"token_weights is only used by agg='block_mean', not agg={agg!r}")
     if max_len is not None:
+        if _traced(max_len):
+            raise ValueError("max_len must be a static Python int, not a traced value (mark it "
+                             "static, e.g. jax.jit(..., static_argnames='max_len'))")
         if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len <= 0:
             raise ValueError(f"max_len must be a positive Python int, got {max_len!r}")
+        # Accepted and ignored by the other aggregations, so one config can feed every mode.
         max_len = int(max_len)
-        if agg != "seq_mean_token_sum_norm":
-            raise ValueError(f"max_len is only used by agg='seq_mean_token_sum_norm', not {agg!r}")
 
     m = mask.astype(bool)
     sg = jax.lax.stop_gradient
@@ -193,7 +210,7 @@ def policy_loss_terms(
         ref_logp = _check_float("ref_logp", ref_logp, 2, n, t)
         ref_logp = jnp.where(m, ref_logp, 0.0)
         kl_ref = _kl(logp, ref_logp, kl_estimator)
-        if kl_coef != 0.0:
+        if use_kl:
             kl_term = kl_ref * ratio if kl_ratio_correction else kl_ref
             per_token = per_token + kl_coef * kl_term
     per_token = jnp.where(m, per_token, 0.0)
@@ -319,8 +336,11 @@ def policy_loss(
     """Clipped-surrogate policy loss with optional dual clip, KL to a reference, and aggregation.
 
     See the module docstring for the formulas and the exact normalisation of each ``agg`` mode.
-    Arrays may be traced; the hyper-parameters (clips, ``kl_coef``, modes, ``max_len``) are
-    static Python values, validated at trace time.
+    Arrays may be traced. ``clip_low``, ``clip_high``, ``dual_clip`` and ``kl_coef`` may be
+    Python numbers (range-checked at trace time) or traced scalars (changing them then does not
+    recompile; their range is not checked, and a traced ``kl_coef`` needs ``ref_logp`` since it
+    may be non-zero). The modes and ``max_len`` are static Python values; a traced ``max_len``
+    is refused with a ``ValueError``.
 
     Args:
         logp: ``[N, T]`` log-probs of the sampled tokens under the current policy.
@@ -339,6 +359,8 @@ def policy_loss(
         agg: ``"token_mean"``, ``"seq_mean_token_mean"``, ``"seq_mean_token_sum_norm"`` or
             ``"block_mean"``.
         max_len: Dr. GRPO's constant length for ``"seq_mean_token_sum_norm"``; default ``T``.
+            Accepted (and validated) but ignored by the other aggregations, so generic code
+            may pass its configured value whatever ``agg`` is.
         token_weights: ``[N, T]`` per-token weights for ``"block_mean"`` (``1 / |T_k|`` on block
             k's tokens, 0 elsewhere: see :func:`jaxgrpo.core.advantages.block_token_weights`).
         sequence_weights: ``[N]`` loss weight per sequence, in the numerator only.

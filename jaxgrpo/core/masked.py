@@ -43,7 +43,8 @@ def masked_mean_std(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean, standard deviation (with ``ddof``) and count over the true entries of ``mask``.
 
-    The std is 0 where the count is at most ``ddof`` (the statistic is undefined there).
+    The std is 0 where the count is at most ``ddof`` (the statistic is undefined there). A NaN
+    among the selected values makes the mean and the std NaN (never a std of 0).
     """
     m = jnp.asarray(mask).astype(bool)
     mean = masked_mean(x, m, axis=axis, keepdims=True)
@@ -51,9 +52,10 @@ def masked_mean_std(
     sq = masked_sum(jnp.square(jnp.where(m, x - mean, 0)), m, axis=axis, keepdims=True)
     var = safe_div(sq, n - ddof)
     var = jnp.where(n > ddof, var, 0)
-    # sqrt has an infinite gradient at 0: route zeros through a safe branch.
+    # sqrt has an infinite gradient at 0: route zeros through a safe branch. A NaN variance (a
+    # NaN among the selected values) stays NaN rather than passing for a zero spread.
     pos = var > 0
-    std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1)), 0)
+    std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1)), jnp.where(jnp.isnan(var), var, 0))
     if not keepdims:
         squeeze_axis = axis if axis is not None else tuple(range(x.ndim))
         mean, std, n = (jnp.squeeze(a, axis=squeeze_axis) for a in (mean, std, n))

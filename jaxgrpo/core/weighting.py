@@ -25,6 +25,14 @@ Signals, as the authors' released code computes them (where it departs from the 
   averaged, then clipped to ``[-c, c]`` (c = 0.1 or 0.2). Tasks without samples get 0.
 
 Shapes: ``K`` tasks, ``N`` sequences. Functions taking ``[K]`` arrays also accept ``[..., K]``.
+
+Edges. Task ids outside ``[0, K)`` are dropped (they count for no task and get weight 0); they
+cannot be refused at trace time. The scalar hyper-parameters (``lam``, ``eta``, ``decay``,
+``clip``, ``threshold``) may be Python numbers, range-checked at trace time, or traced scalars,
+unchecked (a new value does not recompile); ``num_tasks`` and the modes are static. NaN values
+are not hidden: a NaN reward counts as incorrect in :func:`task_accuracy` (``NaN >= t`` is
+false); a NaN value or surrogate of a valid entry makes its task's :func:`per_task_mean` or
+:func:`task_improvement` NaN (clipping keeps NaN), and the other tasks are unaffected.
 """
 
 from __future__ import annotations

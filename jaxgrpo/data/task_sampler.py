@@ -11,10 +11,11 @@ How one draw works:
    adding or reordering tasks leaves the other streams unchanged. The permutation of the
    current epoch is cached (O(n_k) once per epoch, O(1) per item). grain's lazy
    ``MapDataset.shuffle`` computes the same kind of per-epoch permutation element by element, but
-   its ``index_shuffle`` costs about 5 ms per element for sources under ~20 records (30 us at
-   1,000; 8 us from 10,000; measured here), which made small tasks dominate the step; and its
-   iterators (``mix``, ``batch``) fix proportions, not the exact per-step-variable counts needed
-   here. So this module is plain numpy index arithmetic and imports neither grain nor jax.
+   reading an epoch through it costs 190x (10,000 records) to 10,000x (20 records) more per
+   record than this cached permutation (``benchmarks/grain_shuffle.py``, one run on a shared
+   CPU: ``benchmarks/results/data/grain_shuffle.json``), which made small tasks dominate the
+   step; and its iterators (``mix``, ``batch``) fix proportions, not the exact
+   per-step-variable counts needed here. So this module is plain numpy index arithmetic and imports neither grain nor jax.
 3. **Global schedule.** Each task keeps one *global* cursor. A draw of ``c_k`` takes the next
    ``c_k`` positions of task ``k`` (returned positions first, see ``give_back``). Every host
    computes the same schedule and keeps only its slice, so hosts never duplicate a record and

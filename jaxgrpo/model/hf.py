@@ -1,8 +1,9 @@
 """HF interop: build a ``Transformer`` from a local HF directory, and export one back.
 
 Weights are read straight from ``*.safetensors`` files (single or sharded with an index) by
-parsing the header and memory-mapping each tensor with NumPy (``ml_dtypes`` supplies bfloat16,
-which the safetensors NumPy API cannot read). A declarative table maps HF keys onto the
+parsing the header and memory-mapping each tensor with NumPy (``ml_dtypes`` supplies bfloat16),
+so a tensor is read from disk only when its parameter is built; export writes with the
+``safetensors`` package (``safetensors.numpy.save_file``). A declarative table maps HF keys onto the
 parameter layout (``q_weight``, fused ``kv_weight`` and ``gate_up_weight``); every tensor's shape
 is checked against the config before it is used, and each finished parameter is cast to the
 parameter dtype and goes to its target sharding (``jaxgrpo.sharding.param_shardings``, the same
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from jaxgrpo.config import InputError
@@ -115,24 +117,14 @@ def _load_tensor(ref: _TensorRef) -> np.ndarray:
 def write_safetensors(file: os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` (float32/bfloat16/... NumPy arrays) as one safetensors file."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = []
+    arrays = {}
     for key, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
         if arr.dtype not in _ST_NAMES:
             raise TypeError(f"tensor {key!r}: cannot write dtype {arr.dtype} to safetensors")
-        header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for arr in arrays:
-            fh.write(arr.tobytes())
+        arrays[key] = arr
+    safetensors.numpy.save_file(arrays, os.fspath(file),
+                                metadata=dict(metadata or {"format": "pt"}))
 
 
 # -- config ---------------------------------------------------------------------------------------

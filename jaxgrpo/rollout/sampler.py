@@ -61,7 +61,15 @@ def _sample(logits_NxV, key, *, greedy, temperature, top_k, top_p):
         tok_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
         logp_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
         return tok_N, jnp.take_along_axis(logp_NxV, tok_N[:, None], axis=-1)[:, 0]
-    scaled = logits_NxV / temperature
+    logp_NxV = _filtered_logprobs(logits_NxV, temperature=temperature, top_k=top_k, top_p=top_p)
+    tok_N = _inverse_cdf(jnp.exp(logp_NxV), key)
+    return tok_N, jnp.take_along_axis(logp_NxV, tok_N[:, None], axis=-1)[:, 0]
+
+
+def _filtered_logprobs(logits_NxV, *, temperature, top_k, top_p):
+    """``log_softmax`` of ``logits / temperature`` after the top-k, then the top-p filter: the
+    distribution ``_sample`` draws from (``-inf`` on the removed tokens)."""
+    scaled = logits_NxV.astype(jnp.float32) / temperature
     if top_k:
         kth_Nx1 = jax.lax.top_k(scaled, top_k)[0][:, -1:]
         scaled = jnp.where(scaled < kth_Nx1, -jnp.inf, scaled)
@@ -72,17 +80,36 @@ def _sample(logits_NxV, key, *, greedy, temperature, top_k, top_p):
         keep_NxV = before_NxV < top_p
         thresh_Nx1 = jnp.min(jnp.where(keep_NxV, sorted_NxV, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled < thresh_Nx1, -jnp.inf, scaled)
-    logp_NxV = jax.nn.log_softmax(scaled, axis=-1)
-    tok_N = _inverse_cdf(jnp.exp(logp_NxV), key)
-    return tok_N, jnp.take_along_axis(logp_NxV, tok_N[:, None], axis=-1)[:, 0]
+    return jax.nn.log_softmax(scaled, axis=-1)
 
 
 def _inverse_cdf(probs_NxV, key, block: int = 128):
-    """One draw per row from unnormalised ``probs`` with one uniform per row.
+    """One draw per row from unnormalised ``probs`` with one uniform per row (see below)."""
+    return _inverse_cdf_at(probs_NxV, jax.random.uniform(key, (probs_NxV.shape[0],), jnp.float32),
+                           block)
+
+
+def _first_above(cdf_NxK, mass_NxK, x_N):
+    """Index of the first entry with positive mass whose cumulative mass exceeds ``x``; the last
+    entry with positive mass when none does (float rounding near the total)."""
+    pos_NxK = mass_NxK > 0
+    hit_NxK = (cdf_NxK > x_N[:, None]) & pos_NxK
+    last_N = mass_NxK.shape[-1] - 1 - jnp.argmax(pos_NxK[:, ::-1], axis=-1)
+    return jnp.where(jnp.any(hit_NxK, axis=-1), jnp.argmax(hit_NxK, axis=-1), last_N)
+
+
+def _inverse_cdf_at(probs_NxV, u_N, block: int = 128):
+    """The inverse-CDF draw of ``_inverse_cdf`` for given uniforms ``u`` in ``[0, 1)``.
 
     Two-level inverse CDF: find the block of ``block`` tokens, then the token inside it. This
-    avoids a cumulative sum over the whole vocabulary (slow on CPU) and Gumbel noise over ``V``.
-    A token of probability 0 is never returned.
+    avoids a cumulative sum over the whole vocabulary (slow on CPU) and Gumbel noise over ``V``
+    (``jax.random.categorical`` is 30-50x slower on CPU at 16-256 rows x 8,192 tokens:
+    ``benchmarks/sampler_draw.py``, ``benchmarks/results/sampler/draw_cpu.json``). Both levels
+    only ever select an entry of positive mass, so a token of probability 0 (one removed by
+    top-k or top-p) is never returned, whatever the rounding of the two cumulative sums: a
+    uniform that rounding places past the block's or the row's last positive entry takes that
+    entry instead. The draw's distribution is the normalised ``probs`` up to float32 rounding of
+    the cumulative sums.
     """
     n, v = probs_NxV.shape
     nb = -(-v // block)
@@ -91,15 +118,11 @@ def _inverse_cdf(probs_NxV, key, block: int = 128):
     blocks_NxBxK = probs_NxV.reshape(n, nb, block)
     bsum_NxB = jnp.sum(blocks_NxBxK, axis=-1)
     bcdf_NxB = jnp.cumsum(bsum_NxB, axis=-1)
-    u_N = jax.random.uniform(key, (n,), jnp.float32) * bcdf_NxB[:, -1]
-    bi_N = jnp.minimum(jnp.sum(bcdf_NxB <= u_N[:, None], axis=-1), nb - 1)
+    x_N = u_N.astype(jnp.float32) * bcdf_NxB[:, -1]
+    bi_N = _first_above(bcdf_NxB, bsum_NxB, x_N)
     within_NxK = jnp.take_along_axis(blocks_NxBxK, bi_N[:, None, None], axis=1)[:, 0]
     before_N = jnp.take_along_axis(bcdf_NxB - bsum_NxB, bi_N[:, None], axis=1)[:, 0]
-    wcdf_NxK = jnp.cumsum(within_NxK, axis=-1)
-    # The first token whose cumulative mass exceeds the remainder; the clamp keeps float rounding
-    # between the two summation orders from stepping past the block's last non-zero token.
-    u2_N = jnp.minimum(u_N - before_N, wcdf_NxK[:, -1] * (1 - 1e-6))
-    wi_N = jnp.minimum(jnp.sum(wcdf_NxK <= u2_N[:, None], axis=-1), block - 1)
+    wi_N = _first_above(jnp.cumsum(within_NxK, axis=-1), within_NxK, x_N - before_N)
     return (bi_N * block + wi_N).astype(jnp.int32)
 
 

@@ -138,7 +138,9 @@ class Task:
 
     Subclasses set ``name`` and ``description`` and implement ``dataset``, ``prompt``,
     ``gold_completion`` and ``verify``. ``score`` wraps ``verify`` so that it never raises.
-    Instances must be picklable: the verifier pool sends them to worker processes.
+    Instances must be serialisable by ``cloudpickle`` (classes from ``__main__`` or defined in
+    a function are fine; locks, open files and connections are not): the verifier pool sends
+    them to worker processes and refuses a task it cannot send.
     """
 
     name: str = ""

@@ -5,18 +5,30 @@ interrupted in a thread, so verifiers run in a small pool of ``spawn``-ed proces
 from a parent that has started JAX threads). Each worker handles one item at a time; the parent
 waits on all workers' pipes and, when an item passes its deadline, kills that worker, records
 reward 0 with ``error="timeout after ...s"`` and starts a replacement. A worker that dies (for
-example by running out of memory) gives ``error="worker died"`` and is replaced too.
+example by a crash in a C extension) gives ``error="worker died"`` and is replaced too.
+
+Memory: each worker limits its own address space with ``resource.setrlimit(RLIMIT_AS)`` to
+``memory_mb`` (default 4,096 MB; 0 = no limit; Linux), set before it loads any task. A verifier
+that allocates past it gets ``MemoryError`` (or is killed by the allocator failing in C code):
+the item is scored 0 with ``error="out of memory ..."`` (or ``"worker died"``) and the worker is
+replaced, so a runaway verifier can neither take the machine's memory nor leave a damaged
+worker behind.
 
 Cheap checks run in the parent before anything is sent: a completion that is not a ``str`` or
 is longer than ``task.max_completion_chars`` (default 20,000) gets an error score at once.
 Each task object is pickled once per pool and sent to a worker only the first time that worker
-needs it; the worker then calls ``task.warmup()`` (heavy imports) before any deadline starts. A task that cannot be pickled (e.g. a lambda-based custom task), or whose class cannot be
-imported in a worker, is scored in the parent, without a time limit.
+needs it; the worker then calls ``task.warmup()`` (heavy imports) before any deadline starts. A
+task is serialised with ``cloudpickle``, so one whose class is defined in ``__main__`` (a
+training script) or in a function, or that holds a lambda, is sent by value and gets the same
+time and memory limits in a worker as any other. A task that cloudpickle cannot serialise (it
+holds a lock, an open file, a live connection), or that fails to load in a worker, is refused
+with a ``ValueError`` saying so: scoring it in this process would have no time limit
+(``score_many(..., workers=0)`` does that on request).
 
 Limits: ``timeout_s`` per call (default 2 s), ``workers`` processes (default 2). Starting a worker
 costs about 0.3-1 s and is not counted against any item's time limit (a worker that is not ready
-after 60 s gives ``error="worker failed to start"``); the module-level default pool (``score_many(..., pool=None)``) is reused
-across calls and closed at interpreter exit.
+after 60 s gives ``error="worker failed to start"``); the module-level default pool
+(``score_many(..., pool=None)``) is reused across calls and closed at interpreter exit.
 """
 
 from __future__ import annotations
@@ -31,23 +43,41 @@ import threading
 import time
 from collections.abc import Sequence
 
+import cloudpickle
 import numpy as np
 
 from jaxgrpo.tasks.base import Score, Task, error_score, sanitize
 
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_WORKERS = 2
+DEFAULT_MEMORY_MB = 4096
 STARTUP_TIMEOUT_S = 60.0
 
 
-def _worker_main(conn) -> None:
-    """Worker loop.
+def _limit_memory(memory_mb: int) -> None:
+    """Caps this process's address space at ``memory_mb`` MB (no-op for 0 or without RLIMIT_AS)."""
+    if not memory_mb:
+        return
+    import resource
+
+    if not hasattr(resource, "RLIMIT_AS"):
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = memory_mb << 20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _worker_main(conn, memory_mb: int = 0) -> None:
+    """Worker loop, under an address-space limit of ``memory_mb`` MB (0: none).
 
     Messages: ``("load", task_id, task_bytes)`` -> unpickle and ``warmup()``, reply "loaded";
     ``("score", task_id, record, completion, truncated)`` -> reply the score as a tuple;
     ``None`` -> exit.
     """
     tasks: dict[int, Task] = {}
+    _limit_memory(memory_mb)
     conn.send("ready")
     while True:
         try:
@@ -69,6 +99,10 @@ def _worker_main(conn) -> None:
             try:
                 s = tasks[task_id].score(record, completion, truncated=truncated)
                 reply = (s.reward, s.correct, s.format_ok, s.error, s.blocks, s.confidence)
+                if s.error is not None and s.error.startswith("MemoryError"):  # Task.score's
+                    raise MemoryError
+            except MemoryError:
+                reply = (0.0, False, False, f"out of memory (limit {memory_mb} MB)", (), None)
             except BaseException as e:  # noqa: BLE001 - report, never die on a bad item
                 reply = (0.0, False, False, f"worker: {type(e).__name__}: {str(e)[:200]}", (),
                          None)
@@ -101,9 +135,9 @@ def _start_detached_from_main(proc) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, memory_mb: int = 0):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, memory_mb), daemon=True)
         _start_detached_from_main(self.proc)
         child.close()
         self.known: set[int] = set()
@@ -160,38 +194,49 @@ class VerifierPool:
     Args:
       workers: number of worker processes (>= 1).
       timeout_s: time limit for one verifier call, in seconds (> 0).
+      memory_mb: address-space limit of each worker process in MB (0 = no limit).
 
     ``errors`` counts error strings over the pool's life (``"timeout"``, ``"worker died"``, ...
     by their first word), for logging.
     """
 
-    def __init__(self, *, workers: int = DEFAULT_WORKERS, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, *, workers: int = DEFAULT_WORKERS, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 memory_mb: int = DEFAULT_MEMORY_MB):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(timeout_s, int | float) or not timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
-        self.num_workers, self.timeout_s = workers, float(timeout_s)
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0:
+            raise ValueError(f"memory_mb must be an int >= 0 (0 = no limit), got {memory_mb!r}")
+        self.num_workers, self.timeout_s, self.memory_mb = workers, float(timeout_s), memory_mb
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
-        self._blobs: dict[int, bytes | None] = {}
+        self._blobs: dict[int, bytes | str] = {}  # the pickle, or why there is none
         self._task_refs: dict[int, Task] = {}  # keeps ids stable while cached
-        self._load_failed: set[int] = set()
         self.errors: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()  # one batch at a time; concurrent callers queue up
 
-    def _blob(self, task: Task) -> bytes | None:
+    def _blob(self, task: Task) -> bytes:
         key = id(task)
         if key not in self._blobs or self._task_refs.get(key) is not task:
+            # cloudpickle sends classes of __main__ or defined in a function by value (plain
+            # pickle names them, and a worker cannot import them), importable ones by name.
             try:
-                self._blobs[key] = pickle.dumps(task)
-            except Exception:  # noqa: BLE001 - unpicklable custom task: score in the parent
-                self._blobs[key] = None
+                self._blobs[key] = cloudpickle.dumps(task)
+            except Exception as e:  # noqa: BLE001
+                self._blobs[key] = f"{type(e).__name__}: {str(e)[:200]}"
             self._task_refs[key] = task
-        return self._blobs[key]
+        blob = self._blobs[key]
+        if isinstance(blob, str):
+            raise ValueError(
+                f"task {task.name!r} cannot be sent to a verifier worker ({blob}); make it "
+                "picklable (no locks, open files or connections as attributes), or score it "
+                "in this process with score_many(..., workers=0), which has no time limit")
+        return blob
 
     def _ensure_workers(self) -> None:
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.memory_mb))
 
     def score(self, tasks: Task | Sequence[Task], records: Sequence[dict],
               completions: Sequence[str], *,
@@ -216,7 +261,6 @@ class VerifierPool:
             self.close()
             self._blobs.clear()
             self._task_refs.clear()
-            self._load_failed.clear()
         if isinstance(tasks, Task):
             tasks = [tasks] * n
         elif len(tasks) != n:
@@ -228,9 +272,8 @@ class VerifierPool:
                 raise TypeError(f"tasks[{i}] must be a Task, got {type(task).__name__}")
             if not isinstance(completion, str) or len(completion) > task.max_completion_chars:
                 results[i] = task.score(records[i], completion)  # the cheap error path
-            elif self._blob(task) is None:
-                results[i] = task.score(records[i], completion, truncated=truncated[i])
             else:
+                self._blob(task)  # refuses a task that cannot reach a worker, before any work
                 pending.append(i)
         if pending:
             self._run(tasks, records, completions, truncated, pending, results)
@@ -253,16 +296,16 @@ class VerifierPool:
                     self._replace(w_idx)
                     continue
                 key = id(task)
-                if key in self._load_failed:
-                    results[i] = task.score(records[i], completions[i], truncated=truncated[i])
-                    continue
                 err = w.load(key, self._blobs[key])
                 if err is not None and err.startswith("load failed"):
-                    # the task cannot be rebuilt in a worker (e.g. its class is not importable
-                    # there): score it in this process, without a time limit
-                    self._load_failed.add(key)
-                    results[i] = task.score(records[i], completions[i], truncated=truncated[i])
-                    continue
+                    # The task cannot be rebuilt in a worker: stop every worker (none may keep
+                    # a reply for a later batch) and say so, rather than score without a limit.
+                    self.close()
+                    raise ValueError(
+                        f"task {task.name!r} cannot be loaded in a verifier worker ({err}); "
+                        "make its class importable there and its warmup() succeed, or score "
+                        "it in this process with score_many(..., workers=0), which has no "
+                        "time limit")
                 if err is not None:
                     results[i] = error_score(f"worker: {err}", num_blocks=task.num_blocks)
                     self._replace(w_idx)
@@ -291,6 +334,8 @@ class VerifierPool:
                     r, c, f, e, b, q = conn.recv()
                     results[i] = sanitize(Score(r, c, f, e, tuple(b), q),
                                           num_blocks=tasks[i].num_blocks)
+                    if e is not None and e.startswith("out of memory"):
+                        self._replace(w_idx)  # a fresh process, not a fragmented heap
                 except (EOFError, OSError, pickle.UnpicklingError, TypeError, ValueError):
                     results[i] = error_score("worker died", num_blocks=tasks[i].num_blocks)
                     self._replace(w_idx)
@@ -307,7 +352,7 @@ class VerifierPool:
 
     def _replace(self, w_idx: int) -> None:
         self._workers[w_idx].kill()
-        self._workers[w_idx] = _Worker(self._ctx)
+        self._workers[w_idx] = _Worker(self._ctx, self.memory_mb)
 
     def close(self) -> None:
         """Stops all workers (the pool restarts them if used again)."""
@@ -322,7 +367,7 @@ class VerifierPool:
         self.close()
 
 
-_DEFAULT_POOLS: dict[tuple[int, float], VerifierPool] = {}
+_DEFAULT_POOLS: dict[tuple[int, float, int], VerifierPool] = {}
 
 
 @atexit.register
@@ -334,7 +379,8 @@ def _close_default_pools() -> None:
 
 def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
                completions: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
-               workers: int = DEFAULT_WORKERS, pool: VerifierPool | None = None,
+               workers: int = DEFAULT_WORKERS, memory_mb: int = DEFAULT_MEMORY_MB,
+               pool: VerifierPool | None = None,
                truncated: Sequence[bool] | None = None) -> list[Score]:
     """Scores completions in order, each call under ``timeout_s`` in a worker process.
 
@@ -343,8 +389,10 @@ def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
       records: the records (as from ``task.dataset(...)``), one per completion.
       completions: the completion texts.
       timeout_s: per-call time limit in seconds.
-      workers: worker processes; 0 scores in this process (no time limit).
-      pool: a pool to use; by default a shared pool per ``(workers, timeout_s)`` is reused.
+      workers: worker processes; 0 scores in this process (no time or memory limit).
+      memory_mb: address-space limit of each worker in MB (0 = no limit).
+      pool: a pool to use; by default a shared pool per ``(workers, timeout_s, memory_mb)``
+        is reused.
       truncated: per item, whether the completion hit the length limit (no EOS); used by the
         structured formats (a truncated or malformed completion).
 
@@ -360,9 +408,10 @@ def score_many(task_or_tasks: Task | Sequence[Task], records: Sequence[dict],
         return [t.score(r, c, truncated=f)
                 for t, r, c, f in zip(task_or_tasks, records, completions, flags, strict=True)]
     if pool is None:
-        key = (workers, float(timeout_s))
+        key = (workers, float(timeout_s), memory_mb)
         if key not in _DEFAULT_POOLS:
-            _DEFAULT_POOLS[key] = VerifierPool(workers=workers, timeout_s=timeout_s)
+            _DEFAULT_POOLS[key] = VerifierPool(workers=workers, timeout_s=timeout_s,
+                                               memory_mb=memory_mb)
         pool = _DEFAULT_POOLS[key]
     return pool.score(task_or_tasks, records, completions, truncated=truncated)
 

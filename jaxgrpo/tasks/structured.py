@@ -26,11 +26,40 @@ truncated before it) is handled by ``on_malformed`` (configurable):
   and reward 0; block 0 is scored as usual.
 * ``"worst_score"``: block 1 keeps its tokens and gets the worst reward (Brier -1, log score
   ``log(eps)``, two-attempt 0).
-* ``"fail_all"``: like ``"worst_score"`` and also ``r_0 = 0`` (RLCR's code zeroes every reward
-  on a format failure).
+* ``"fail_all"``: like ``"worst_score"`` and also ``r_0 = 0``. This is what RLCR's code does to
+  its accuracy and Brier *components* on a format failure (it zeroes them, and in its
+  ``1 - (c - q)^2`` convention a zero Brier term is the worst one); RLCR's *total* also has a
+  format term, so there a format failure scores below every well-formed completion, while with
+  this mode alone it ties with the worst well-formed one (``c = 0, q = 1``). Add the format term
+  with ``format_reward`` and RLCR's gate with ``format_gate``.
 
 ``format_ok`` is true only for the exact layout (only whitespace between the tagged parts and
 after the last tag).
+
+Format reward and gate (``StructuredTask`` options; both off by default, as in the BAE paper,
+which has no format term):
+
+* ``format_reward = f >= 0``: ``f`` is added to block 1's reward (so to ``Score.reward``) when
+  ``format_ok``. Putting it on the last block, whose tokens close the layout, is our choice:
+  RLCR's reward is one scalar and the BAE paper has none.
+* ``format_gate = True``: a completion whose second block parses but whose layout is not exact
+  gets status ``"bad_layout"`` and is scored (and its block 1 spanned) by ``on_malformed`` like
+  any other malformed completion. This is RLCR's gate, which scores the layout, not only the
+  parse.
+
+With ``format_gate=True, on_malformed="fail_all", format_reward=1, conf_reward="brier"``,
+``Score.reward = 2 R - 1`` for RLCR's total
+``R = 0.5 format + 0.5 accuracy + 0.5 (1 - (c - q)^2)`` (arXiv:2507.16806, as its released
+reward functions compute it): ``1 + c - (q - c)^2`` when well formed, ``-1`` otherwise, an
+affine map that leaves group-normalised advantages unchanged. What is *not* RLCR's
+behaviour here: RLCR's layout is ``<think>…</think>`` (any text before ``</think>``) then answer,
+analysis and confidence, where ours is the tag set's (``<reasoning>`` for ``"full"``, leading
+text not allowed); RLCR reads the *last* ``<answer>`` and ``<confidence>``, we require exactly
+one of each; RLCR's confidence is any string Python's ``float`` reads in ``[0, 1]`` (unicode
+digits included), ours an ASCII decimal; RLCR checks answers with math-verify (or SQuAD-style
+exact match), we use the base task's ``check_answer``; RLCR's two logging-only terms (weight
+1e-5) are left out; and ``Score.correct`` stays the answer's correctness (a metric, not a
+reward) where RLCR's accuracy term is zeroed by the gate.
 
 Tag sets (``tags``): ``"full"`` is the paper's (above); ``"short"`` is a compact set for small
 character-level models: ``<a>â</a><c>q</c>`` (confidence; no reasoning or analysis part, block 1
@@ -97,8 +126,9 @@ class StructuredParse:
     Attributes:
       format: "confidence" or "two_attempt".
       status: "ok"; "no_answer" (no unique answer in block 0); "no_confidence" /
-        "bad_confidence" (confidence format); "no_second_answer" (two-attempt); or "truncated"
-        (the text was cut off before block 1 was complete).
+        "bad_confidence" (confidence format); "no_second_answer" (two-attempt); "truncated"
+        (the text was cut off before block 1 was complete); or "bad_layout" (parsed, but the
+        layout is not exact; only from a task with ``format_gate=True``).
       answers: the extracted answer texts, ``(â,)`` or ``(a1, a2)``; ``None`` where missing.
       confidence: q in [0, 1], or ``None``.
       split: the character index where block 1 starts (``len(text)`` if block 1 is empty).
@@ -321,7 +351,9 @@ def normalize_answer(answer: str) -> str:
 class StructuredTask(Task):
     """Wraps a task so that completions use a structured format with block rewards.
 
-    ``Score.reward`` is ``r_0 + r_1`` (for Brier this is RLCR's ``c - (q - c)^2``);
+    ``Score.reward`` is ``r_0 + r_1`` (for Brier and a well-formed completion this is RLCR's
+    ``c - (q - c)^2`` without RLCR's format term; see ``format_reward`` and ``format_gate`` in the
+    module docstring for that term and how close to RLCR's total they come);
     ``Score.blocks`` is ``(r_0, r_1)``; ``Score.correct`` is the correctness of the (first)
     answer; ``Score.confidence`` is q. The base task checks an answer with
     ``base.check_answer(record, answer_text)``.
@@ -333,7 +365,8 @@ class StructuredTask(Task):
     def __init__(self, base: str | Task, *, format: str = "confidence",  # noqa: A002
                  on_malformed: str = "empty_block", conf_reward: str = "brier",
                  eps: float = 1e-4, equivalent: Callable[[str, str], bool] | None = None,
-                 tags: str = "full", gold_confidence: str = "one", **base_options):
+                 tags: str = "full", gold_confidence: str = "one", format_reward: float = 0.0,
+                 format_gate: bool = False, **base_options):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         _check_mode(on_malformed)
@@ -353,6 +386,12 @@ class StructuredTask(Task):
             raise ValueError(f"gold_confidence must be one of {GOLD_CONFIDENCES}, "
                              f"got {gold_confidence!r}")
         self.tags, self.gold_confidence = tags, gold_confidence
+        if (isinstance(format_reward, bool) or not isinstance(format_reward, int | float)
+                or not 0.0 <= format_reward < math.inf):
+            raise ValueError(f"format_reward must be a finite number >= 0, got {format_reward!r}")
+        if not isinstance(format_gate, bool):
+            raise TypeError(f"format_gate must be true or false, got {format_gate!r}")
+        self.format_reward, self.format_gate = float(format_reward), format_gate
         self.name = f"{format}:{self.base.name}"
         self.description = f"{self.base.name} in the {format} block format"
         self.max_completion_chars = self.base.max_completion_chars
@@ -414,11 +453,15 @@ class StructuredTask(Task):
                 and self._same(p.answers[0], p.answers[1]))
         r0, r1 = block_rewards(p, correct, same_answers=same, on_malformed=self.on_malformed,
                                conf_reward=self.conf_reward, eps=self.eps)
+        if p.format_ok:
+            r1 += self.format_reward
         return Score(r0 + r1, bool(correct[0]), p.format_ok, None, (r0, r1), p.confidence)
 
     def parse(self, completion: str, *, truncated: bool = False) -> StructuredParse:
-        return parse_structured(completion, format=self.format, truncated=truncated,
-                                tags=self.tags)
+        p = parse_structured(completion, format=self.format, truncated=truncated, tags=self.tags)
+        if self.format_gate and p.status == "ok" and not p.format_ok:
+            p = dataclasses.replace(p, status="bad_layout")
+        return p
 
 
 def _structured_factory(format: str):  # noqa: A002

@@ -34,6 +34,7 @@ its part of each checkpoint. One device is a 1-device mesh: the same numbers as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sys
 import time
@@ -255,6 +256,11 @@ def make_batch_sampler(cfg: ExperimentConfig, names, seed: int) -> RatioPreservi
     return RatioPreservingSampler.from_preset("dapo", names, p, **dyn)
 
 
+def _scorer(cfg: ExperimentConfig):
+    """``score_many`` with the configured verifier memory limit."""
+    return functools.partial(score_many, memory_mb=cfg.tasks.verifier_memory_mb)
+
+
 def evaluate(policy: Policy, params, tasks, eval_sets, cfg: ExperimentConfig, key) -> dict:
     """Per-task accuracy: mean correctness over ``eval_samples`` completions of each prompt."""
     rc = cfg.rollout
@@ -267,7 +273,7 @@ def evaluate(policy: Policy, params, tasks, eval_sets, cfg: ExperimentConfig, ke
         groups = rollouts.collect(
             items, tasks=tasks, task_index={name: 0}, tokenizer=policy.tokenizer,
             generate=lambda t, m, k: gen(params, t, m, k), key=rng_lib.eval_task_key(key, i),
-            prompt_buckets=rc.prompt_buckets, pad_id=policy.pad_id, score_fn=score_many,
+            prompt_buckets=rc.prompt_buckets, pad_id=policy.pad_id, score_fn=_scorer(cfg),
             max_prompts=rc.max_prompts_per_call,
         )
         out[name] = float(groups.correct.mean())
@@ -686,7 +692,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
                 generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
                 key=rng_lib.rollout_key(base_key, _step, len(_rounds)),
                 prompt_buckets=rc.prompt_buckets,
-                pad_id=pad_id, score_fn=score_many, with_blocks=blockwise,
+                pad_id=pad_id, score_fn=_scorer(cfg), with_blocks=blockwise,
                 eos_ids=policy.eos_ids, max_prompts=local_max_prompts,
             )
             g = _gather_groups(g, items, pad)

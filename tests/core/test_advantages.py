@@ -715,3 +715,61 @@ def test_masked_all_equal():
     m = np.array([[True, True, False], [False, False, False], [True, True, True]])
     np.testing.assert_array_equal(masked_all_equal(x, m, axis=1), [True, True, False])
     np.testing.assert_array_equal(masked_all_equal(x, np.ones_like(m), axis=1), [False] * 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Edges: NaN rewards (documented propagation), traced hyper-parameters
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("baseline,scale", [("mean", "group"), ("mean", "none"),
+                                            ("leave_one_out", "group"), ("mean", "batch")])
+def test_nan_reward_makes_exactly_its_group_nan(baseline, scale):
+    rng = np.random.default_rng(40)
+    r = rng.normal(size=(4, 5)).astype(np.float32)
+    clean = np.asarray(gr(r, baseline=baseline, scale=scale))
+    r[2, 1] = np.nan
+    out = np.asarray(gr(r, baseline=baseline, scale=scale))
+    if scale == "batch":
+        assert np.isnan(out).all()
+        return
+    assert np.isnan(out[2]).all()
+    np.testing.assert_array_equal(out[[0, 1, 3]], clean[[0, 1, 3]])
+    valid = ~np.isnan(r)  # the documented remedy: mark it invalid
+    fixed = np.asarray(gr(r, valid, baseline=baseline, scale=scale))
+    assert np.isfinite(fixed).all() and fixed[2, 1] == 0
+
+
+def test_blockwise_nan_reward_reaches_only_the_sets_that_average_over_it():
+    rng = np.random.default_rng(41)
+    r = rng.normal(size=(3, 6, 3)).astype(np.float32)
+    o = rng.integers(0, 2, size=(3, 6, 3)).astype(np.int32)
+    o[1, :, 1] = [0, 0, 0, 1, 1, 1]
+    r[1, 4, :] = np.nan  # sample (1, 4), stratum {3, 4, 5} in block 1
+    out = np.asarray(bw(r, o, baselines=("group_mean", "ocb", "none")))
+    assert np.isnan(out[1, :, 0]).all() and np.isfinite(out[[0, 2], :, 0]).all()
+    assert np.isnan(out[1, 3:, 1]).all() and np.isfinite(out[1, :3, 1]).all()
+    assert np.isfinite(out[[0, 2], :, 1]).all()
+    nan_at = np.isnan(out[..., 2])
+    assert nan_at[1, 4] and nan_at.sum() == 1
+    # std_normalize: "none" divides by the batch RMS, which the NaN reaches (never a zero RMS).
+    normed = np.asarray(bw(r, o, baselines=("group_mean", "ocb", "none"), std_normalize=True))
+    assert np.isnan(normed[..., 2]).all()
+    assert np.isnan(normed[1, :, 0]).all() and np.isfinite(normed[[0, 2], :, 0]).all()
+
+
+def test_traced_eps_and_ocb_kappa_give_the_static_result_and_traced_ddof_fails_with_a_sentence():
+    rng = np.random.default_rng(42)
+    r = rng.normal(size=(3, 4)).astype(np.float32)
+    want = group_relative(r, eps=0.5)
+    got = jax.jit(lambda e: group_relative(r, eps=e))(jnp.float32(0.5))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL)
+    rb = rng.normal(size=(3, 6, 2)).astype(np.float32)
+    ob = rng.integers(0, 2, size=(3, 6, 2)).astype(np.int32)
+    kw = dict(baselines=("group_mean", "ocb_shrink"), std_normalize=True)
+    want = blockwise(rb, ob, ocb_kappa=2.5, eps=0.1, **kw)
+    got = jax.jit(lambda k, e: blockwise(rb, ob, ocb_kappa=k, eps=e, **kw))(
+        jnp.float32(2.5), jnp.float32(0.1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL)
+    with pytest.raises(TypeError, match="std_ddof must be a static Python int"):
+        jax.jit(lambda d: group_relative(r, std_ddof=d))(jnp.int32(1))

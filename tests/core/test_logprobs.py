@@ -241,3 +241,24 @@ def test_minus_inf_logits_give_finite_values_and_gradients():
     g = jax.grad(lambda z: jnp.sum(f(z)[0]) + jnp.sum(f(z)[1]))(logits)
     g = np.asarray(g)
     assert np.all(np.isfinite(g)) and np.all(g[..., 4:] == 0.0)
+
+
+@pytest.mark.parametrize("bad", [-1, 19, 1000])
+def test_out_of_range_targets_raise_when_concrete_and_give_nan_when_traced(bad):
+    h, w, b, tg = make(seed=11)
+    logits = np.einsum("ntd,dv->ntv", h, w) + b
+    tg = tg.copy()
+    tg[1, 3] = bad  # V = 19
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, V=19\)"):
+        token_logprobs(logits, tg)
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, V=19\)"):
+        chunked_token_logprobs(h, w, tg, chunk_size=4, bias=b)
+    good = np.where(tg == bad, 0, tg)
+    want, want_ent = ref_logprobs_entropy(logits, good)
+    full, ent = jax.jit(lambda x, t: token_logprobs(x, t, return_entropy=True))(logits, tg)
+    chunked = jax.jit(lambda t: chunked_token_logprobs(h, w, t, chunk_size=4, bias=b))(tg)
+    for got in (np.asarray(full), np.asarray(chunked)):
+        assert np.isnan(got[1, 3])
+        keep = tg != bad
+        np.testing.assert_allclose(got[keep], want[keep], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent), want_ent, atol=1e-5)  # no target in the entropy

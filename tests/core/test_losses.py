@@ -532,7 +532,6 @@ def test_jit_does_not_recompile():
         (dict(agg="block_mean"), ValueError, "token_weights"),
         (dict(token_weights=np.ones((N, T), np.float32)), ValueError, "token_weights"),
         (dict(agg="seq_mean_token_sum_norm", max_len=0), ValueError, "max_len"),
-        (dict(max_len=8), ValueError, "max_len"),
         (dict(sequence_weights=np.ones(N + 1, np.float32)), ValueError, "sequence_weights"),
         (dict(entropy=np.ones((N, T + 1), np.float32)), ValueError, "entropy"),
         (dict(ref_logp=np.ones((N, T), np.int32)), TypeError, "ref_logp"),
@@ -565,3 +564,46 @@ def test_validation_shapes():
 def test_mode_tuples_are_the_single_source():
     assert losses.AGG_MODES == tuple(AGGS)
     assert losses.KL_ESTIMATORS == ("k1", "k2", "k3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Edges: max_len with every aggregation, traced hyper-parameters
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg", [a for a in AGGS if a != "seq_mean_token_sum_norm"])
+def test_max_len_is_accepted_and_ignored_by_aggregations_that_do_not_use_it(agg):
+    logp, old, ref, adv, mask, _ = make_inputs(seed=30)
+    kw = dict(token_weights=ref_block_weights(_block_ids(30), 3).astype(np.float32)) \
+        if agg == "block_mean" else {}
+    a, aux_a = policy_loss(logp, old, adv, mask, agg=agg, **kw)
+    b, aux_b = policy_loss(logp, old, adv, mask, agg=agg, max_len=1000, **kw)
+    assert float(a) == float(b) and aux_a.keys() == aux_b.keys()
+    with pytest.raises(ValueError, match="max_len"):  # still validated
+        policy_loss(logp, old, adv, mask, agg=agg, max_len=0, **kw)
+
+
+@pytest.mark.parametrize("name,value", [("clip_low", 0.1), ("clip_high", 0.28),
+                                        ("dual_clip", 2.0), ("kl_coef", 0.05)])
+def test_traced_hyperparameters_give_the_static_result(name, value):
+    logp, old, ref, adv, mask, _ = make_inputs(seed=31)
+    base = dict(kl_coef=0.02, dual_clip=3.0)
+    want, want_aux = policy_loss(logp, old, adv, mask, ref_logp=ref, **{**base, name: value})
+    f = jax.jit(lambda h: policy_loss(logp, old, adv, mask, ref_logp=ref, **{**base, name: h}))
+    got, got_aux = f(jnp.float32(value))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for k, v in want_aux.items():
+        np.testing.assert_allclose(float(got_aux[k]), float(v), rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(float(got), ref_policy_loss(logp, old, adv, mask, ref=ref,
+                                                           **{**base, name: value}), rtol=1e-5)
+    f(jnp.float32(value * 0.5))
+    assert f._cache_size() == 1  # a new value does not recompile
+
+
+def test_traced_kl_coef_without_ref_logp_and_traced_max_len_fail_with_a_sentence():
+    logp, old, ref, adv, mask, _ = make_inputs(seed=32)
+    with pytest.raises(ValueError, match="kl_coef is traced.*pass ref_logp"):
+        jax.jit(lambda c: policy_loss(logp, old, adv, mask, kl_coef=c))(jnp.float32(0.0))
+    with pytest.raises(ValueError, match="max_len must be a static Python int"):
+        jax.jit(lambda m: policy_loss(logp, old, adv, mask, agg="seq_mean_token_sum_norm",
+                                      max_len=m))(jnp.int32(16))

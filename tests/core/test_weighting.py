@@ -381,3 +381,44 @@ def test_task_logit_gradient_dispatches_by_name():
         W.task_logit_gradient("iwu", xi, acc, lam=0.3)
     with pytest.raises(ValueError, match="eta"):
         W.task_logit_gradient("iwu", xi, acc, imp, lam=0.3, eta=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Edges: traced hyper-parameters, NaN values, ids outside [0, K)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_traced_hyperparameters_give_the_static_result():
+    rng = np.random.default_rng(50)
+    xi, acc, imp = (rng.normal(size=4).astype(np.float32) for _ in range(3))
+    before, after = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    ids = rng.integers(0, 4, size=8).astype(np.int32)
+    rewards = rng.uniform(size=(4, 3)).astype(np.float32)
+    pids = np.array([0, 1, 1, 3], np.int32)
+    present = np.array([True, False, True, True])
+    cases = [
+        (lambda h: W.iwu_gradient(xi, acc, imp, lam=h), 0.3),
+        (lambda h: W.regularised_reward_gradient(xi, acc, lam=0.2, eta=h), 0.05),
+        (lambda h: W.task_logit_gradient("worst_task", xi, acc, lam=h), 0.7),
+        (lambda h: W.ema_update(acc, imp, present, decay=h), 0.5),
+        (lambda h: W.task_improvement(before, after, ids, 4, clip=h), 0.1),
+        (lambda h: W.task_accuracy(rewards, pids, 4, threshold=h)[0], 0.5),
+    ]
+    for f, value in cases:
+        want = np.asarray(f(value))
+        got = np.asarray(jax.jit(f)(jnp.float32(value)))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_values_stay_in_their_task_and_out_of_range_ids_are_dropped():
+    vals = np.array([1.0, np.nan, 2.0, 4.0, 8.0], np.float32)
+    ids = np.array([0, 1, 1, 2, 7], np.int32)  # id 7 is outside [0, 3): dropped
+    mean, count = W.per_task_mean(vals, ids, 3)
+    assert float(mean[0]) == 1.0 and np.isnan(float(mean[1])) and float(mean[2]) == 4.0
+    np.testing.assert_array_equal(np.asarray(count), [1, 2, 1])
+    imp = np.asarray(W.task_improvement(np.zeros(5, np.float32), vals, ids, 3, clip=0.5))
+    assert imp[0] == 0.5 and np.isnan(imp[1]) and imp[2] == 0.5
+    acc, _ = W.task_accuracy(np.array([[1.0, np.nan]], np.float32), np.array([0]), 1)
+    assert float(acc[0]) == 0.5  # the NaN rollout counts as incorrect
+    w = np.asarray(W.sequence_weights_from_tasks(np.full(3, 1 / 3, np.float32), ids, mode="ratio"))
+    assert w[4] == 0 and np.isfinite(w).all()

@@ -1,5 +1,7 @@
 """The jitted KV-cache sampler: log-probs, EOS/stop handling, determinism, no recompilation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +264,74 @@ def test_functional_entry_works_inside_an_outer_jit(model):
     np.testing.assert_array_equal(np.asarray(traced.tokens), np.asarray(eager.tokens))
     np.testing.assert_allclose(np.asarray(traced.logprobs), np.asarray(eager.logprobs),
                                atol=1e-5, rtol=0)
+
+
+def _filtered_softmax(logits_V, temperature, top_k, top_p):
+    """NumPy loops: the distribution the sampler must draw from after top-k then top-p."""
+    z = np.asarray(logits_V, np.float64) / temperature
+    order = sorted(range(len(z)), key=lambda j: -z[j])
+    keep = np.zeros(len(z), bool)
+    for rank, j in enumerate(order):
+        if not top_k or rank < top_k:
+            keep[j] = True
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1:
+        mass, keep2 = 0.0, np.zeros(len(z), bool)
+        for j in order:
+            if keep[j] and mass < top_p:
+                keep2[j] = True
+            mass += probs[j] if keep[j] else 0.0
+        probs = np.where(keep2, probs, 0.0)
+        probs /= probs.sum()
+    return probs
+
+
+def test_inverse_cdf_at_every_block_boundary_never_returns_a_filtered_token():
+    # Top-k filtered rows over V = 1000 (not a multiple of the block of 128); every uniform is
+    # placed on, one ulp below and one ulp above each block boundary of the cumulative mass.
+    rng = np.random.default_rng(0)
+    n, v, k, block = 64, 1000, 40, 128
+    scaled = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
+    kth = jax.lax.top_k(scaled, k)[0][:, -1:]
+    probs = jnp.exp(jax.nn.log_softmax(jnp.where(scaled < kth, -jnp.inf, scaled), axis=-1))
+    nb = -(-v // block)
+    padded = jnp.pad(probs, ((0, 0), (0, nb * block - v)))
+    bcdf = np.asarray(jnp.cumsum(padded.reshape(n, nb, block).sum(-1), -1))
+    u = bcdf / bcdf[:, -1:]  # [n, nb]: the boundary after each block, as a uniform
+    u = np.concatenate([np.nextafter(u, -np.inf), u, np.nextafter(u, np.inf)], axis=1)
+    u = np.clip(u, 0, np.nextafter(np.float32(1), np.float32(0)))  # uniforms lie in [0, 1)
+    m = u.shape[1]
+    rows = np.repeat(probs, m, axis=0)
+    tok = np.asarray(jax.jit(sampler_mod._inverse_cdf_at)(rows, jnp.asarray(u.reshape(-1))))
+    assert (tok >= 0).all() and (tok < v).all()
+    picked = np.asarray(rows)[np.arange(n * m), tok]
+    assert (picked > 0).all(), f"{int((picked == 0).sum())} of {n * m} draws were filtered tokens"
+
+
+@pytest.mark.parametrize("top_k,top_p", [(37, 1.0), (0, 0.7), (50, 0.8)])
+def test_empirical_distribution_matches_the_filtered_softmax_chi_square(top_k, top_p):
+    # One row of V = 300 (three blocks of 128, the last partial), logits spread so that kept
+    # tokens fall in every block. The filter runs on a few rows (it is the same for every row;
+    # sorting 1e5 rows is slow on CPU), then 1e5 draws take _sample's own draw path.
+    rng = np.random.default_rng(1)
+    v, n, temperature = 300, 100_000, 0.9
+    logits = (rng.normal(size=v) * 1.5).astype(np.float32)
+    target = _filtered_softmax(logits, temperature, top_k, top_p)
+    keep = target > 0
+    assert len({j // 128 for j in np.flatnonzero(keep)}) == 3
+    filt = functools.partial(sampler_mod._filtered_logprobs, temperature=temperature,
+                             top_k=top_k, top_p=top_p)
+    logp = np.asarray(jax.jit(filt)(jnp.broadcast_to(jnp.asarray(logits), (4, v))))
+    np.testing.assert_array_equal(np.isfinite(logp), np.broadcast_to(keep, (4, v)))
+    want = np.broadcast_to(np.log(target[keep]), (4, keep.sum()))
+    np.testing.assert_allclose(logp[:, keep], want, atol=1e-5)
+    draw = jax.jit(lambda lp, key: sampler_mod._inverse_cdf(jnp.exp(lp), key))
+    tok = np.asarray(draw(jnp.broadcast_to(jnp.asarray(logp[0]), (n, v)), jax.random.key(0)))
+    counts = np.bincount(tok, minlength=v)
+    assert counts[~keep].sum() == 0, "a filtered token was drawn"
+    expected = target[keep] * n
+    assert expected.min() >= 5  # the chi-square approximation holds
+    chi2 = float(np.sum((counts[keep] - expected) ** 2 / expected))
+    p_value = float(jax.scipy.stats.chi2.sf(chi2, int(keep.sum()) - 1))
+    assert p_value > 0.01, (chi2, p_value)

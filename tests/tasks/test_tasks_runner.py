@@ -72,14 +72,56 @@ def test_workers_are_reused_between_calls(pool):
     assert os.getpid() not in pids
 
 
-def test_unpicklable_task_is_scored_inline():
-    class Local(Task):  # a local class cannot be pickled
+def test_task_of_a_local_class_runs_in_a_worker_under_the_time_limit():
+    class Local(Task):  # plain pickle cannot send a class defined in a function
         name = "local"
 
         def verify(self, record, completion):
-            return Score(1.0, True, True)
+            while completion == "hang":
+                pass
+            return Score(float(os.getpid()), True, True)
 
-    assert score_many(Local(), [{}], ["x"], workers=1)[0].correct
+    with VerifierPool(workers=1, timeout_s=1.0) as p:
+        ok, hung = p.score(Local(), [{}, {}], ["x", "hang"])
+        assert ok.error is None and ok.reward != float(os.getpid())  # scored in a worker
+        assert hung.error.startswith("timeout") and hung.reward == 0.0
+
+
+def test_task_that_cannot_be_serialised_is_refused_with_a_sentence():
+    import threading
+
+    class HoldsALock(Sleepy):
+        def __init__(self):
+            self.lock = threading.Lock()
+
+    with VerifierPool(workers=1) as p:
+        with pytest.raises(ValueError, match="cannot be sent to a verifier worker.*workers=0"):
+            p.score(HoldsALock(), [{"i": 1}], ["ok"])
+        assert p.score(Sleepy(), [{"i": 2}], ["ok"])[0].reward == 2.0  # the pool still works
+    assert score_many(HoldsALock(), [{"i": 3}], ["ok"], workers=0)[0].reward == 3.0
+
+
+class Hungry(Task):
+    """Allocates 64 MB chunks (touching every page) until it fails; capped at 2 GB so that a
+    missing limit makes the test fail instead of exhausting a shared machine."""
+
+    name = "hungry"
+
+    def verify(self, record, completion):
+        if completion != "eat":
+            return Score(1.0, True, True)
+        chunks = [bytearray(64 << 20) for _ in range(32)]
+        return Score(float(len(chunks) == 32), True, True)
+
+
+def test_a_verifier_allocating_without_bound_is_stopped_and_scored_zero():
+    with VerifierPool(workers=1, timeout_s=30.0, memory_mb=512) as p:
+        first, eaten, after = p.score(Hungry(), [{}] * 3, ["ok", "eat", "ok"])
+        assert first.reward == 1.0 and after.reward == 1.0 and after.error is None
+        assert eaten.reward == 0.0 and eaten.error == "out of memory (limit 512 MB)"
+        assert p.errors["out"] == 1 and count_errors([first, eaten, after]) == {"out": 1}
+    with pytest.raises(ValueError, match="memory_mb"):
+        VerifierPool(memory_mb=-1)
 
 
 def test_inline_mode_and_argument_errors():
@@ -139,9 +181,10 @@ class FailsInWorker(Task):
         return Score(float(os.getpid() == self.parent), True, True)
 
 
-def test_task_that_cannot_load_in_a_worker_is_scored_inline(pool):
-    got = pool.score(FailsInWorker(), [{}] * 5, ["x"] * 5)
-    assert [s.reward for s in got] == [1.0] * 5 and all(s.error is None for s in got)
+def test_task_that_cannot_load_in_a_worker_is_refused_with_a_sentence(pool):
+    with pytest.raises(ValueError, match="cannot be loaded in a verifier worker.*cannot load here"):
+        pool.score(FailsInWorker(), [{}] * 5, ["x"] * 5)
+    assert [s.reward for s in pool.score(Sleepy(), [{"i": 4}] * 3, ["ok"] * 3)] == [4.0] * 3
 
 
 def test_scores_to_arrays():

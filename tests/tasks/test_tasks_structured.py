@@ -200,3 +200,72 @@ def test_completion_block_ids_batch_matches_a_loop():
     cut = texts[1].index("<analysis>")
     assert ids[1].tolist() == [0] * cut + [-1] * (T - cut)
     assert ids[2].tolist() == [0] * len("nothing") + [-1] * (T - len("nothing"))
+
+
+def _rlcr_total(text: str, correct_answer: str) -> float:
+    """RLCR's released total reward, transcribed from its description, on our "full" tag set
+    (``</reasoning>`` where RLCR has ``</think>``): 0.5 format + 0.5 accuracy + 0.5 brier."""
+    import re
+    layout = re.compile(r".*?</reasoning>\s*<answer>.*?</answer>\s*<analysis>.*?</analysis>"
+                        r"\s*<confidence>.*?</confidence>\s*\Z", re.DOTALL)
+    fmt = 0.0
+    if layout.match(text):
+        try:
+            q = float(re.findall(r"<confidence>(.*?)</confidence>", text, re.DOTALL)[-1])
+            fmt = 1.0 if 0.0 <= q <= 1.0 else 0.0
+        except ValueError:
+            pass
+    if not fmt:
+        return 0.0
+    answer = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)[-1]
+    c = 1.0 if answer.strip() == correct_answer else 0.0
+    return 0.5 * fmt + 0.5 * c + 0.5 * (1.0 - (c - q) ** 2)
+
+
+RLCR_CASES = [
+    GOOD,
+    GOOD.replace(">42<", ">41<"),
+    GOOD.replace("0.8", "1"),
+    GOOD.replace(">42<", ">41<").replace("0.8", "1"),  # the worst well-formed completion
+    GOOD.replace("0.8", "0"),
+    GOOD.replace("0.8", "1.5"),  # confidence out of range
+    GOOD.replace("0.8", "high"),  # not a number
+    GOOD.replace("<confidence>0.8</confidence>", ""),  # no confidence
+    GOOD.replace("</answer>\n", "</answer> so "),  # text between the answer and the analysis
+    GOOD + " trailing words",
+    "<reasoning>think</reasoning><answer>42</answer>",
+]
+
+
+def test_format_reward_and_gate_reproduce_rlcr_total_as_an_affine_map():
+    rlcr = StructuredTask("addition@1", on_malformed="fail_all", format_gate=True,
+                          format_reward=1.0)
+    for text in RLCR_CASES:
+        assert rlcr.score(REC, text).reward == pytest.approx(
+            2 * _rlcr_total(text, "42") - 1, abs=1e-9), text
+    # Without the options a format failure ties with the worst well-formed completion; with
+    # them it scores below it, as in RLCR.
+    plain = StructuredTask("addition@1", on_malformed="fail_all")
+    worst, broken = RLCR_CASES[3], RLCR_CASES[7]
+    assert plain.score(REC, broken).reward == plain.score(REC, worst).reward == -1.0
+    assert rlcr.score(REC, broken).reward == -1.0 < rlcr.score(REC, worst).reward == 0.0
+
+
+def test_format_gate_marks_a_parsed_but_loose_layout_malformed():
+    loose = GOOD.replace("</answer>\n", "</answer> so ")
+    gated = StructuredTask("addition@1", format_gate=True)
+    p = gated.parse(loose)
+    assert p.status == "bad_layout" and not p.format_ok
+    assert p.spans() == ((0, p.split), (len(loose), len(loose)))  # "empty_block": no tokens
+    s = gated.score(REC, loose)
+    assert s.correct and s.blocks == (1.0, 0.0)  # correctness stays a metric
+    assert StructuredTask("addition@1").parse(loose).status == "ok"  # ungated: parsed as usual
+    bonus = StructuredTask("addition@1", format_reward=0.5)
+    assert bonus.score(REC, GOOD).blocks == pytest.approx((1.0, -0.04 + 0.5))
+    assert bonus.score(REC, loose).blocks == pytest.approx((1.0, -0.04))
+    with pytest.raises(ValueError, match="format_reward"):
+        StructuredTask("addition@1", format_reward=-1.0)
+    with pytest.raises(TypeError, match="format_gate"):
+        StructuredTask("addition@1", format_gate="yes")
+    spec = get_task("confidence", base="addition@1", format_reward=1.0, format_gate=True)
+    assert spec.format_gate and spec.format_reward == 1.0
