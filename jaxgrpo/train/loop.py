@@ -338,6 +338,7 @@ def step_config(cfg: ExperimentConfig, num_tasks: int) -> StepConfig:
         kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
         max_len=rc.max_new_tokens, recompute_old_logp=True,
         num_tasks=num_tasks if cfg.algo.name == Algo.MT_GRPO else 0,
+        improvement_reduce=str(cfg.algo.mt_grpo.improvement_reduce),
     )
 
 
@@ -582,8 +583,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         host["perf/peak_flops"] = peak
         pending = (step, host, dev_metrics, t0)
         if mt is not None:
-            everything = rollouts.Groups.concat(rounds)
-            mt.update(everything.correct, everything.task_ids,
+            mt.update([(r.correct, r.task_ids) for r in rounds],
                       np.asarray(dev_metrics["task_improvement"]))
             host.update(mt.metrics())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
