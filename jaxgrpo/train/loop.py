@@ -607,6 +607,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
     writer.close()
     summary["params"] = state.params
     summary["task_sampler_state"] = prompts.get_state()
+    summary["batch_sampler_state"] = batcher.get_state()
+    summary["task_weights_state"] = mt.get_state() if mt is not None else None
     return summary
 
 
