@@ -4,8 +4,8 @@
    are copied off the device before it returns, then written in the background to
    ``<dir>/<s>.orbax-checkpoint-tmp`` and renamed to ``<dir>/<s>`` (with
    ``commit_success.txt``) when complete. Only the ``keep`` newest committed steps are kept.
-2. ``meta`` is any JSON-able dict: task-sampler state, task weights, the RNG key as ints
-   (:func:`rng_to_json`), the config dict, the guard's counters. The step is added as
+2. ``meta`` is any JSON-able dict (the trainer saves its host-side samplers' state, the task
+   weights and the accuracy before RL; the RNG key lives in the state). The step is added as
    ``meta["step"]``.
 3. :meth:`Checkpointer.latest_step` only ever returns a **committed** step: a save killed
    mid-write leaves a temporary directory that is ignored (and removed on the next open), so
@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from jaxgrpo import paths
 from jaxgrpo.config import InputError
 
-__all__ = ["Checkpointer", "committed_steps", "rng_from_json", "rng_to_json"]
+__all__ = ["Checkpointer", "committed_steps"]
 
 _COMMIT_MARKER = "commit_success.txt"
 
@@ -52,22 +52,6 @@ def _jsonable(x: Any, path: str = "meta") -> Any:
         return x
     raise TypeError(f"{path} must be JSON-able (dict, list, str, number, bool, None, numpy "
                     f"array), got {type(x).__name__}")
-
-
-def rng_to_json(key: jax.Array) -> dict[str, Any]:
-    """A PRNG key (typed or raw uint32) as ``{"impl": name or None, "data": nested ints}``."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return {"impl": str(jax.random.key_impl(key)),
-                "data": np.asarray(jax.random.key_data(key)).tolist()}
-    return {"impl": None, "data": np.asarray(key).tolist()}
-
-
-def rng_from_json(obj: Mapping[str, Any]) -> jax.Array:
-    """Inverse of :func:`rng_to_json`: the same key, bit for bit."""
-    data = np.asarray(obj["data"], dtype=np.uint32)
-    if obj.get("impl") is None:
-        return jax.numpy.asarray(data)
-    return jax.random.wrap_key_data(data, impl=obj["impl"])
 
 
 def committed_steps(directory: str | os.PathLike) -> list[int]:

@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from jaxgrpo.core import modes  # plain Python: the registries, no jax
+
 __all__ = [
     "AlgoConfig", "CheckpointConfig", "CompileConfig", "ConfigError", "DistributedConfig", "DynamicSamplingConfig",
     "ExperimentConfig", "LoggingConfig", "LossConfig", "MeshConfig", "ModelConfigSpec",
@@ -71,6 +73,13 @@ def format_error(exc: BaseException) -> str:
 # ---- modes (one place for every set of choices) ---------------------------------------------
 
 
+def _registry_enum(name: str, names, doc: str) -> type[enum.StrEnum]:
+    """A StrEnum whose members are a registry's names (``"dr_grpo"`` -> ``DR_GRPO``)."""
+    cls = enum.StrEnum(name, [(n.upper(), n) for n in names], module=__name__)
+    cls.__doc__ = doc
+    return cls
+
+
 class DType(enum.StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -93,45 +102,18 @@ class Remat(enum.StrEnum):
     DOTS = "dots"  # keep the weight-matmul outputs, recompute the rest
 
 
-class Estimator(enum.StrEnum):
-    GRPO = "grpo"  # (r - mean) / (std + eps) per group
-    DR_GRPO = "dr_grpo"  # r - mean, no std (Dr. GRPO)
-    RLOO = "rloo"  # leave-one-out baseline
-    BLOCKWISE = "blockwise"  # BAE: one advantage per completion block
-
-
-class Scale(enum.StrEnum):
-    GROUP = "group"
-    BATCH = "batch"
-    NONE = "none"
-
-
-class KLEstimator(enum.StrEnum):
-    K1 = "k1"
-    K2 = "k2"
-    K3 = "k3"
-
-
-class Agg(enum.StrEnum):
-    TOKEN_MEAN = "token_mean"
-    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
-    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"  # Dr. GRPO constant length
-    BLOCK_MEAN = "block_mean"
-
-
-class BlockBaseline(enum.StrEnum):
-    NONE = "none"
-    BATCH_MEAN = "batch_mean"
-    GROUP_MEAN = "group_mean"
-    OCB = "ocb"
-    OCB_LOO = "ocb_loo"
-    OCB_SHRINK = "ocb_shrink"
-
-
-class Algo(enum.StrEnum):
-    GRPO = "grpo"
-    DAPO = "dapo"
-    MT_GRPO = "mt_grpo"
+# The algorithm-level modes come from the registries in ``jaxgrpo.core.modes``.
+Estimator = _registry_enum("Estimator", modes.ESTIMATORS, "Advantage estimator.")
+Scale = _registry_enum("Scale", modes.GROUP_SCALES, "Scale of the group-relative advantage.")
+KLEstimator = _registry_enum("KLEstimator", modes.KL_ESTIMATORS, "KL-to-reference estimator.")
+Agg = _registry_enum("Agg", modes.AGGREGATIONS, "Aggregation of the per-token loss.")
+BlockBaseline = _registry_enum("BlockBaseline", modes.BLOCK_BASELINES,
+                               "Per-block baseline of the blockwise estimator.")
+Algo = _registry_enum("Algo", modes.ALGORITHMS, "Training algorithm.")
+WeightOptimizer = _registry_enum("WeightOptimizer", modes.TASK_WEIGHT_OPTIMIZERS,
+                                 "Optimiser of MT-GRPO's task logits.")
+Reduce = _registry_enum("Reduce", modes.IMPROVEMENT_REDUCTIONS,
+                        "Reduction of I_k over a task's trained sequences.")
 
 
 class Filter(enum.StrEnum):
@@ -152,25 +134,9 @@ class Schedule(enum.StrEnum):
     CODE = "code"
 
 
-class Fill(enum.StrEnum):
-    ACCEPTED = "accepted"
-    PAD = "pad"
-    NONE = "none"
-
-
-class WeightOptimizer(enum.StrEnum):
-    ADAM_L2 = "adam_l2"  # the released code: torch Adam with coupled L2
-    ADAMW = "adamw"  # the paper's text
-
-
 class WeightUpdate(enum.StrEnum):
     PER_MINIBATCH = "per_minibatch"
     PER_STEP = "per_step"
-
-
-class Reduce(enum.StrEnum):
-    SUM = "sum"
-    MEAN = "mean"
 
 
 class LRSchedule(enum.StrEnum):
@@ -185,8 +151,6 @@ class AxisType(enum.StrEnum):
 
 
 MODEL_PRESETS = ("tiny", "demo")
-GROUP_BASELINES = (BlockBaseline.GROUP_MEAN, BlockBaseline.OCB, BlockBaseline.OCB_LOO,
-                   BlockBaseline.OCB_SHRINK)
 
 
 # ---- field checks -----------------------------------------------------------------------------
@@ -404,15 +368,16 @@ class LossConfig:
 
     @property
     def resolved_scale(self) -> Scale:
+        """``scale``, or the estimator's default (``jaxgrpo.core.modes.ESTIMATORS``)."""
         if self.scale is not None:
             return self.scale
-        return Scale.GROUP if self.estimator == Estimator.GRPO else Scale.NONE
+        return Scale(modes.ESTIMATORS[self.estimator].scale)
 
     def is_group_relative(self) -> bool:
         """True when the advantage compares completions of one prompt (needs G > 1)."""
-        if self.estimator != Estimator.BLOCKWISE:
+        if modes.ESTIMATORS[self.estimator].baseline is not None:
             return True
-        return any(b in GROUP_BASELINES for b in self.block_baselines)
+        return any(modes.BLOCK_BASELINES[b].group_relative for b in self.block_baselines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,7 +389,6 @@ class DynamicSamplingConfig:
     oversample: float = 3.0  # M_os
     max_rounds: int = 10  # generation rounds per step, the first included (code's N_rs)
     filter: Filter = Filter.STRICT
-    fill: Fill = Fill.PAD  # pad a short batch with filtered groups: static shapes
 
     def __post_init__(self):
         _need(self.oversample >= 1, "algo.sampling.oversample", ">= 1", self.oversample)
@@ -455,12 +419,12 @@ class MTGRPOConfig:
     weight_decay: float = 1e-5
     update: WeightUpdate = WeightUpdate.PER_MINIBATCH
     improvement_clip: float = 0.1  # c
-    improvement_reduce: Reduce = Reduce.SUM
+    improvement_reduce: Reduce = Reduce.SUM  # over the task's trained sequences of a minibatch
     acc_ema: float = 0.5  # EMA decay of J_k
     rho_ema: float = 0.9  # EMA decay of the filtered ratio
     max_inflation: float = 5.0  # M_acc; 1 turns acceptance-aware sampling off
     preserve_ratios: bool = True
-    preserve_from_step: int = 0
+    preserve_from_step: int = 0  # first step (counted from 1) that preserves; 0, 1: the first
     target_mode: TargetMode = TargetMode.MULTINOMIAL
     schedule: Schedule = Schedule.PAPER
 
@@ -631,14 +595,9 @@ class WandbConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     dir: str | None = None  # TensorBoard event files; default: <train.workdir>/tensorboard
-    every: int = 1
-    jsonl: bool = True
     tensorboard: bool = False
     progress: bool = True
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
-
-    def __post_init__(self):
-        _positive("logging.every", self.every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -746,9 +705,10 @@ class ExperimentConfig:
         if rows % mu:
             raise ConfigError(f"'loss.micro_batches' ({mu}) must divide the rows of a minibatch "
                               f"(prompts_per_step*group_size/minibatches = {rows})")
-        if self.algo.name == Algo.MT_GRPO and isinstance(self.tasks.mixture, tuple):
-            _need(len(self.tasks.mixture) >= 2, "tasks.mixture", "at least 2 tasks for "
-                  "mt_grpo", [t.spec for t in self.tasks.mixture])
+        need = modes.ALGORITHMS[self.algo.name].min_tasks
+        if need > 1 and isinstance(self.tasks.mixture, tuple):
+            _need(len(self.tasks.mixture) >= need, "tasks.mixture", f"at least {need} tasks "
+                  f"for {self.algo.name}", [t.spec for t in self.tasks.mixture])
         cc, rc = self.compile, self.rollout
         for k, top, what in (("mean_prompt_tokens", max(rc.prompt_buckets),
                               "the largest of 'rollout.prompt_buckets'"),

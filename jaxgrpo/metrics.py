@@ -1,11 +1,11 @@
-"""Host-side metrics: writers, a progress bar, the non-finite guard and throughput helpers.
+"""Host-side metrics: writers, a progress bar, the non-finite guard and per-task summaries.
 
 1. The jitted step returns a flat dict of scalars with ``/``-namespaced keys (``loss/policy``,
    ``grad/global_norm``, ``task/<name>/accuracy``); the loop fetches it one step late and hands
    it, as Python floats, to a :class:`MetricWriter`.
 2. :class:`JsonlWriter` appends one JSON object per line (``step``, ``time``, the metrics);
    :class:`TensorBoardWriter` writes event files (tensorboardX, imported lazily);
-   :class:`MultiWriter` fans out; :func:`process_zero_only` makes every other process a no-op.
+   :class:`MultiWriter` fans out (the loop writes on process 0 only).
    Both writers take a local path or a URI (``gs://bucket/run/metrics.jsonl``, any
    ``etils.epath`` scheme): for a URI they write to a local staging copy and upload it whole at
    most every ``sync_every_s`` seconds, on ``flush()`` and on ``close()`` (object stores cannot
@@ -14,10 +14,9 @@
    the loss or gradient: the device-side step must already have left the state unchanged) or
    whether the run must stop (:class:`NonFiniteError` after ``max_consecutive`` in a row).
 4. :class:`ProgressBar` prints step/total, rate, ETA and a few metrics to stderr.
-5. :func:`per_task_metrics` turns one step's ``[P, G]`` rewards into per-task scalars;
-   :func:`mfu` and :func:`lm_train_flops_per_token` give model FLOP utilisation.
+5. :func:`per_task_metrics` turns one step's ``[P, G]`` rewards into per-task scalars.
 
-Nothing here touches devices; only :func:`process_zero_only` asks jax for the process index.
+Nothing here touches devices.
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ from jaxgrpo import paths
 
 __all__ = [
     "JsonlWriter", "MetricWriter", "MultiWriter", "NonFiniteError", "NonFiniteGuard",
-    "NullWriter", "ProgressBar", "TensorBoardWriter", "ThroughputMeter", "WandbWriter", "lm_train_flops_per_token", "mfu",
-    "per_task_metrics", "process_zero_only", "read_jsonl", "to_scalars",
+    "NullWriter", "ProgressBar", "TensorBoardWriter", "WandbWriter", "per_task_metrics",
+    "read_jsonl", "to_scalars",
 ]
 
 
@@ -297,20 +296,6 @@ class MultiWriter:
     def close(self) -> None:
         for w in self.writers:
             w.close()
-
-
-def process_zero_only(make_writer, process_index: int | None = None) -> MetricWriter:
-    """``make_writer()`` on process 0, a :class:`NullWriter` elsewhere (no files are opened).
-
-    Args:
-      make_writer: a zero-argument callable building the real writer.
-      process_index: this process's index; default ``jax.process_index()``.
-    """
-    if process_index is None:
-        import jax
-
-        process_index = jax.process_index()
-    return make_writer() if process_index == 0 else NullWriter()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -597,62 +582,3 @@ def per_task_metrics(task_names: Sequence[str], rewards_PxG, correct_PxG, length
         out[f"task/{t}/length_mean"] = mean(n[rows])
         out[f"task/{t}/length_max"] = float(n[rows][vv].max()) if cnt else math.nan
     return out
-
-
-def lm_train_flops_per_token(num_params: int, *, num_layers: int = 0, width: int = 0,
-                             seq_len: int = 0, training: bool = True) -> float:
-    """Model FLOPs per token of a dense decoder (PaLM, Chowdhery et al. 2022, App. B).
-
-    Training: ``6·N + 12·L·D·T``; forward only: ``2·N + 4·L·D·T`` (N parameters, L layers,
-    D = heads·head width, T the attended length; pass 0s to drop the attention term).
-    """
-    for name, x in (("num_params", num_params), ("num_layers", num_layers), ("width", width),
-                    ("seq_len", seq_len)):
-        if x < 0:
-            raise ValueError(f"{name} must be >= 0, got {x}")
-    k = 3 if training else 1
-    return float(k * (2 * num_params + 4 * num_layers * width * seq_len))
-
-
-def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float,
-        num_devices: int = 1) -> float:
-    """Model FLOP utilisation: ``flops_per_step / (step_time_s · peak · num_devices)``."""
-    if step_time_s <= 0 or peak_flops_per_s <= 0 or num_devices < 1:
-        raise ValueError("step_time_s and peak_flops_per_s must be > 0 and num_devices >= 1, "
-                         f"got {step_time_s}, {peak_flops_per_s}, {num_devices}")
-    return float(flops_per_step) / (step_time_s * peak_flops_per_s * num_devices)
-
-
-class ThroughputMeter:
-    """Step time, tokens/s and MFU from the wall time between consecutive :meth:`step` calls.
-
-    Args:
-      flops_per_token: model FLOPs per processed token (e.g. :func:`lm_train_flops_per_token`);
-        None leaves out ``perf/mfu``.
-      peak_flops_per_s: per-device peak used for MFU (measure it in the same run).
-      num_devices: devices the step runs on.
-      clock: seconds, monotonic (injectable for tests).
-    """
-
-    def __init__(self, *, flops_per_token: float | None = None,
-                 peak_flops_per_s: float | None = None, num_devices: int = 1,
-                 clock=time.monotonic):
-        if (flops_per_token is None) != (peak_flops_per_s is None):
-            raise ValueError("give both flops_per_token and peak_flops_per_s, or neither")
-        self.flops_per_token, self.peak = flops_per_token, peak_flops_per_s
-        self.num_devices, self.clock = num_devices, clock
-        self._last = clock()
-
-    def reset(self) -> None:
-        """Restart the interval (e.g. after an eval or a checkpoint pause)."""
-        self._last = self.clock()
-
-    def step(self, tokens: int) -> dict[str, float]:
-        """Metrics of the interval since the last call, which processed ``tokens`` tokens."""
-        now = self.clock()
-        dt, self._last = now - self._last, now
-        out = {"perf/step_time_s": dt,
-               "perf/tokens_per_s": tokens / dt if dt > 0 else math.nan}
-        if self.flops_per_token is not None and dt > 0:
-            out["perf/mfu"] = mfu(self.flops_per_token * tokens, dt, self.peak, self.num_devices)
-        return out

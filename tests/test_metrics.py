@@ -90,18 +90,6 @@ def _tb_scalars(logdir):
     return out
 
 
-def test_process_zero_only(tmp_path):
-    made = []
-    w = M.process_zero_only(lambda: made.append(1) or M.JsonlWriter(tmp_path / "a.jsonl"), 1)
-    assert isinstance(w, M.NullWriter) and not made and not (tmp_path / "a.jsonl").exists()
-    w.write_scalars(1, {"x": 1.0})
-    w = M.process_zero_only(lambda: M.JsonlWriter(tmp_path / "a.jsonl"), 0)
-    assert isinstance(w, M.JsonlWriter)
-    w.close()
-    w = M.process_zero_only(lambda: M.NullWriter())  # single process: index 0
-    assert isinstance(w, M.NullWriter)
-
-
 def test_guard_skips_counts_and_stops_after_max_consecutive():
     g = M.NonFiniteGuard(3)
     assert g.check(1, {"loss/total": 0.1, "grad/global_norm": 1.0})
@@ -221,35 +209,6 @@ def test_per_task_metrics_against_a_loop_reference():
         M.per_task_metrics(names, r, c, n[:, :2])
     with pytest.raises(ValueError, match="task_names must have P=6"):
         M.per_task_metrics(names[:5], r, c, n)
-
-
-def test_flops_and_mfu():
-    assert M.lm_train_flops_per_token(1000) == 6000.0
-    assert M.lm_train_flops_per_token(1000, training=False) == 2000.0
-    assert M.lm_train_flops_per_token(10, num_layers=2, width=4, seq_len=8) == 6 * 10 + 12 * 64
-    assert M.mfu(1e12, 2.0, 1e12) == 0.5
-    assert M.mfu(1e12, 1.0, 1e12, num_devices=4) == 0.25
-    with pytest.raises(ValueError, match="step_time_s"):
-        M.mfu(1.0, 0.0, 1.0)
-    with pytest.raises(ValueError, match="num_params"):
-        M.lm_train_flops_per_token(-1)
-
-
-def test_throughput_meter():
-    clock = _Clock()
-    meter = M.ThroughputMeter(flops_per_token=6e6, peak_flops_per_s=1e9, num_devices=2,
-                              clock=clock)
-    clock.t = 2.0
-    got = meter.step(300)
-    assert got == {"perf/step_time_s": 2.0, "perf/tokens_per_s": 150.0,
-                   "perf/mfu": 6e6 * 300 / (2.0 * 1e9 * 2)}
-    clock.t = 5.0
-    meter.reset()
-    clock.t = 6.0
-    assert meter.step(10)["perf/step_time_s"] == 1.0
-    assert "perf/mfu" not in M.ThroughputMeter(clock=clock).step(1)
-    with pytest.raises(ValueError, match="both"):
-        M.ThroughputMeter(flops_per_token=1.0)
 
 
 def test_jsonl_on_a_uri_is_staged_and_uploaded_on_flush_and_close(fake_gcs):

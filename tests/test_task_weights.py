@@ -107,7 +107,7 @@ def test_sgd_is_the_papers_subroutine_one_and_two():
     acc = rng.uniform(size=3).astype(np.float32)
     imp = np.zeros(3, np.float32)
     # Subroutine 2 literally: xi - beta (g + eta xi), via the gradient or via the optimiser.
-    g_reg = weighting.regularised_reward_gradient(xi0, acc, lam=0.2, eta=0.1)
+    g_reg = np.array(ref_iwu_grad(xi0, acc, imp, 0.2)) + 0.1 * xi0  # Subroutine 2's gradient
     tx0 = TW.make_task_weight_optimizer("sgd", lr=0.5, weight_decay=0.0)
     a, _ = TW.task_weight_step(xi0, tx0.init(xi0), g_reg, tx0)
     tx1 = TW.make_task_weight_optimizer("sgd", lr=0.5, weight_decay=0.1)

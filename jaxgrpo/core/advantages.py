@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrpo.core import modes
 from jaxgrpo.core.masked import (
     masked_all_equal,
     masked_count,
@@ -44,10 +45,10 @@ from jaxgrpo.core.masked import (
     safe_div,
 )
 
-GROUP_BASELINES = ("mean", "leave_one_out")
-GROUP_SCALES = ("group", "batch", "none")
-BLOCK_BASELINES = ("none", "batch_mean", "group_mean", "ocb", "ocb_loo", "ocb_shrink")
-OCB_BASELINES = ("ocb", "ocb_loo", "ocb_shrink")
+GROUP_BASELINES = modes.GROUP_BASELINES
+GROUP_SCALES = modes.GROUP_SCALES
+BLOCK_BASELINES = tuple(modes.BLOCK_BASELINES)
+OCB_BASELINES = tuple(n for n, b in modes.BLOCK_BASELINES.items() if b.outcome_conditioned)
 # Weight of the group mean in "ocb_shrink", in pseudo-samples: lam = n / (n + kappa).
 DEFAULT_OCB_KAPPA = 1.0
 

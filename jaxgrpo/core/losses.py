@@ -61,10 +61,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrpo.core import modes
 from jaxgrpo.core.masked import safe_div
 
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "block_mean")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+AGG_MODES = modes.AGGREGATIONS
+KL_ESTIMATORS = modes.KL_ESTIMATORS
 RATIO_LEVELS = ("token", "sequence")
 
 # Aux terms reduced by min / max instead of a sum when accumulating micro-batches.
@@ -91,13 +92,22 @@ def _traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _kl(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k2":
-        return 0.5 * jnp.square(logp - ref_logp)
+def _k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     d = ref_logp - logp
     return jnp.exp(d) - d - 1.0
+
+
+# One function per registered KL estimator (``jaxgrpo.core.modes.KL_ESTIMATORS``).
+_KL = {
+    "k1": lambda logp, ref_logp: logp - ref_logp,
+    "k2": lambda logp, ref_logp: 0.5 * jnp.square(logp - ref_logp),
+    "k3": _k3,
+}
+modes.check_table("KL estimator", _KL, KL_ESTIMATORS)
+
+
+def _kl(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+    return _KL[estimator](logp, ref_logp)
 
 
 def policy_loss_terms(

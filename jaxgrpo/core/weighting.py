@@ -41,11 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrpo.core import modes
 from jaxgrpo.core.masked import safe_div
 
-REDUCTIONS = ("sum", "mean")
-WEIGHT_UPDATES = ("iwu", "worst_task", "regularised_reward")
-SEQUENCE_WEIGHT_MODES = ("none", "ratio")
+REDUCTIONS = modes.IMPROVEMENT_REDUCTIONS
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,74 +162,6 @@ def iwu_gradient(
     _check_same_trailing("task_logits", xi, "accuracy", jnp.asarray(accuracy))
     _check_float("lam", lam, low=0.0)
     return softmax_objective_gradient(xi, iwu_signal(accuracy, improvement, lam=lam))
-
-
-def worst_task_gradient(task_logits: jax.Array, task_reward: jax.Array) -> jax.Array:
-    """Strict worst-task update (epsilon = 0, paper §3.1 Eq. 7): ``g_k = z_k (J_k - <z, J>)``.
-
-    Descending on it moves weight to the currently worst task; with a constant step the weights
-    collapse to nearly one-hot and oscillate as the worst task changes (paper Fig. 2). Provided
-    for comparison; MT-GRPO uses :func:`iwu_gradient`.
-
-    Args:
-      task_logits: ``xi`` ``[..., K]``.
-      task_reward: ``J`` ``[..., K]``, per-task reward or accuracy.
-    """
-    return softmax_objective_gradient(task_logits, task_reward)
-
-
-def regularised_reward_gradient(
-    task_logits: jax.Array, accuracy: jax.Array, *, lam=1.0, eta=0.0
-) -> jax.Array:
-    """Regularised reward-only update (paper App. F, Subroutine 2, Eq. 43).
-
-    ``g_k = z_k (lam J_k - <z, lam J>) + eta * xi_k``, so that ``xi <- xi - beta * g`` is
-    ``xi - beta (g_reward + eta xi)``. The released code (``lambda_bias_type='bias_only'``,
-    ``lam = 0.2``) puts ``eta`` into the optimiser instead, as torch Adam's coupled L2
-    ``weight_decay``: for that route pass ``eta=0`` here and ``weight_decay=eta`` to
-    ``make_task_weight_optimizer(kind="adam_l2")``; do not use both.
-
-    Args:
-      task_logits: ``xi`` ``[..., K]``.
-      accuracy: ``J`` ``[..., K]``.
-      lam: scale of the reward signal (code: 0.2).
-      eta: l2 shrinkage of the logits toward 0 (uniform ``z``), >= 0.
-    """
-    xi = _as_float(task_logits)
-    _check_float("lam", lam, low=0.0)
-    _check_float("eta", eta, low=0.0)
-    j = _as_float(accuracy)
-    _check_same_trailing("task_logits", xi, "accuracy", j)
-    return softmax_objective_gradient(xi, lam * j) + eta * xi
-
-
-def task_logit_gradient(
-    update: str,
-    task_logits: jax.Array,
-    accuracy: jax.Array,
-    improvement: jax.Array | None = None,
-    *,
-    lam=1.0,
-    eta=0.0,
-) -> jax.Array:
-    """Dispatch on a config string (``WEIGHT_UPDATES``) to one of the three logit gradients.
-
-    ``"iwu"`` -> :func:`iwu_gradient` (needs ``improvement``; ``eta`` must be 0),
-    ``"worst_task"`` -> :func:`worst_task_gradient` of ``lam * J`` (``lam`` only rescales the
-    step), ``"regularised_reward"`` -> :func:`regularised_reward_gradient`.
-    """
-    if update not in WEIGHT_UPDATES:
-        raise ValueError(f"update must be one of {WEIGHT_UPDATES}; got {update!r}")
-    if update != "regularised_reward" and not isinstance(eta, jax.Array) and float(eta) != 0.0:
-        raise ValueError(f"eta is only used by update='regularised_reward'; got eta={eta}")
-    if update == "iwu":
-        if improvement is None:
-            raise ValueError("improvement is required for update='iwu'")
-        return iwu_gradient(task_logits, accuracy, improvement, lam=lam)
-    if update == "worst_task":
-        _check_float("lam", lam, low=0.0)
-        return worst_task_gradient(task_logits, lam * _as_float(accuracy))
-    return regularised_reward_gradient(task_logits, accuracy, lam=lam, eta=eta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,62 +323,3 @@ def task_improvement(
     if clip is not None:
         out = jnp.clip(out, -clip, clip)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# how the weights enter the loss
-
-
-def sequence_weights_from_tasks(
-    z: jax.Array,
-    task_ids: jax.Array,
-    *,
-    mode: str = "none",
-    valid: jax.Array | None = None,
-) -> jax.Array:
-    """Per-sequence loss weights from the task weights ``z`` (MT-GRPO,
-    arXiv 2602.05547: Eq. 6 weights the per-task gradients by z; Alg. 1 and the released code
-    use z only as sampling proportions).
-
-    In MT-GRPO the weights act **only through sampling** (the ratio-preserving sampler builds a
-    batch whose task shares follow ``z``) and the loss is the plain, unweighted token-mean:
-    ``mode="none"`` returns all-ones (zeros on invalid rows), the authors' method.
-
-    ``mode="ratio"`` is a labelled variant, *not* what the authors ran: the literal Eq. 6
-    (``sum_k z_k grad J_k``) realised as ``w_i = z_k / share_k`` for sequence ``i`` of task
-    ``k``, where ``share_k = n_k / n`` is the task's share of the valid sequences in this batch.
-    The ``z`` mass of tasks absent from the batch is spread over the present ones
-    (``z`` renormalised over present tasks), so the weights average exactly 1 over valid rows
-    and each present task's share of ``sum_i w_i`` equals its renormalised ``z_k``.
-
-    Args:
-      z: ``[K]`` task weights (a distribution).
-      task_ids: ``[N]`` int in ``[0, K)``.
-      mode: ``"none"`` or ``"ratio"``.
-      valid: optional ``[N]`` mask.
-
-    Returns:
-      ``w`` ``[N]`` float, 0 on invalid rows.
-    """
-    if mode not in SEQUENCE_WEIGHT_MODES:
-        raise ValueError(f"mode must be one of {SEQUENCE_WEIGHT_MODES}; got {mode!r}")
-    zz = _as_float(z)
-    if zz.ndim != 1:
-        raise ValueError(f"z must have shape [K]; got {zz.shape}")
-    ids = jnp.asarray(task_ids)
-    if ids.ndim != 1:
-        raise ValueError(f"task_ids must have shape [N]; got {ids.shape}")
-    _check_task_ids(ids, ids.shape[0], "N")
-    ones = jnp.ones(ids.shape, zz.dtype)
-    m = ones if valid is None else _valid_mask(valid, ones)
-    if mode == "none":
-        return m
-    k = zz.shape[0]
-    count = jax.ops.segment_sum(m, ids, num_segments=k)
-    n = jnp.sum(m)
-    z_present = jnp.where(count > 0, zz, 0)
-    z_norm = safe_div(z_present, jnp.sum(z_present))
-    per_task = safe_div(z_norm * n, count)  # z_k / share_k
-    in_range = (ids >= 0) & (ids < k)
-    w = jnp.take(per_task, jnp.clip(ids, 0, k - 1))
-    return jnp.where(in_range, w, 0) * m

@@ -131,7 +131,9 @@ class RatioPreservingSampler:
       schedule: ``"paper"`` or ``"code"`` resampling schedule (ratios preserved only).
       filter: zero-gradient filter, one of ``FILTERS`` (see ``is_filtered``).
       preserve_ratios: enforce the per-task targets (RPS); False gives DAPO/GRPO.
-      preserve_from_step: enforce only from this step on (the released Exp. 2 scripts' warm-up).
+      preserve_from_step: enforce only from this step on, steps counted from 1 (the metrics
+        log's and the released code's numbering: 10 makes the 10th step the first preserved, as
+        the released Exp. 2 scripts' warm-up); 0 and 1 both preserve from the first step.
       fill: ``"accepted"``, ``"pad"`` or ``"none"`` (module docstring, step 4).
       round_multiple: round sizes are rounded up to a multiple of this (e.g. the host count).
       correct: reward threshold for "correct" in the strict filter.
@@ -276,7 +278,8 @@ class RatioPreservingSampler:
         """
         z = self._weights(weights)
         rng = np.random.default_rng([self.seed, self.step])
-        preserve = self.preserve_ratios and self.step >= self.preserve_from_step
+        # Steps are counted from 1 here, as in the metrics log and the released code.
+        preserve = self.preserve_ratios and self.step + 1 >= self.preserve_from_step
         m0 = self.inflation()
         targets, ref = self._targets(z, rng)
         # "scaled" (the released code): without AAS the code takes the reference shares from
@@ -345,7 +348,7 @@ class RatioPreservingSampler:
                 keep.extend(rng.choice(mine, size=min(int(n_k), mine.size), replace=False))
             keep = np.asarray(keep, dtype=np.int64)
             if keep.size > b:  # only "scaled" targets can sum to more than B
-                keep = rng.choice(keep, size=b, replace=False)
+                keep = self._trim(keep, task_of, targets, rng)
             if self.fill != "none" and keep.size < b:
                 rest = np.setdiff1d(order, keep)
                 extra = rng.choice(rest, size=min(b - keep.size, rest.size), replace=False)
@@ -360,6 +363,18 @@ class RatioPreservingSampler:
                        for i in pads.tolist()]
         chosen.sort(key=lambda t: (t[0], t[1]))
         return [(k, g, pad) for k, _, g, pad in chosen]
+
+    def _trim(self, keep, task_of, targets, rng) -> np.ndarray:
+        """Drops ``keep.size - B`` kept groups, each a random one of the task with the largest
+        target among those keeping more than one group (ties: the lowest task index), so that
+        rounding ``"scaled"`` targets to ``B + 1`` never empties a task's only slot."""
+        keep = list(keep.tolist())
+        while len(keep) > self.batch_size:
+            kept = np.bincount(task_of[keep], minlength=len(self.task_names))
+            k = int(np.argmax(np.where(kept > 1, targets, np.where(kept > 0, -1, -2))))
+            mine = [i for i, j in enumerate(keep) if task_of[j] == k]
+            del keep[mine[int(rng.integers(len(mine)))]]
+        return np.asarray(keep, dtype=np.int64)
 
     def _result(self, z, targets, m0, batch, hit_cap, pool: _StepPool) -> StepResult:
         names = self.task_names

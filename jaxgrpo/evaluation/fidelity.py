@@ -34,7 +34,9 @@ import math
 
 import numpy as np
 
-BASELINES = ("none", "batch_mean", "group_mean", "ocb", "ocb_loo", "ocb_shrink")
+from jaxgrpo.core import modes
+
+BASELINES = tuple(modes.BLOCK_BASELINES)
 STRATA = (("correct", 1), ("incorrect", 0), ("all", None))
 
 

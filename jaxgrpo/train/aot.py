@@ -44,7 +44,8 @@ from jax.sharding import NamedSharding
 
 from jaxgrpo import hardware
 from jaxgrpo import sharding as shd
-from jaxgrpo.config import Algo, Estimator, ExperimentConfig, InputError
+from jaxgrpo.config import Estimator, ExperimentConfig, InputError
+from jaxgrpo.core import modes
 from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.rollout import sampler as sampler_lib
 from jaxgrpo.train import batch as batch_lib
@@ -359,7 +360,7 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
                                temperature=rc.temperature or 1.0, top_k=rc.top_k, top_p=rc.top_p)
     key_in = sds((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
     algo_note = (" with MT-GRPO's improvement passes (a forward before and after each update)"
-                 if cfg.algo.name == Algo.MT_GRPO else "")
+                 if modes.ALGORITHMS[cfg.algo.name].task_weights else "")
     progs = []
 
     if "train_step" in only:
@@ -593,7 +594,7 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
     est = step_estimate(out, assume, extra["shapes"], matmul_params=mcfg.matmul_params,
                         group_size=cfg.rollout.group_size,
                         prompts_per_step=cfg.tasks.prompts_per_step,
-                        mt_grpo=cfg.algo.name == Algo.MT_GRPO, chips=chips,
+                        mt_grpo=modes.ALGORITHMS[cfg.algo.name].task_weights, chips=chips,
                         peak_per_chip=info["bf16_flops"])
     return {
         "topology": topology,

@@ -51,7 +51,6 @@ from jaxgrpo import sharding as shd
 from jaxgrpo.checkpoint import Checkpointer, committed_steps
 from jaxgrpo.config import (
     Agg,
-    Algo,
     Estimator,
     ExperimentConfig,
     InputError,
@@ -60,6 +59,7 @@ from jaxgrpo.config import (
     validate,
 )
 from jaxgrpo.core import advantages as core_adv
+from jaxgrpo.core import modes
 from jaxgrpo.data import Group, RatioPreservingSampler, TaskSampler
 from jaxgrpo.rollout import generate_functional
 from jaxgrpo.tasks import MIXTURES, get_task, score_many
@@ -185,7 +185,7 @@ def compute_advantages(rewards, valid, cfg: ExperimentConfig):
     adv = core_adv.group_relative(
         jnp.asarray(rewards),
         jnp.asarray(valid),
-        baseline="leave_one_out" if lc.estimator == Estimator.RLOO else "mean",
+        baseline=modes.ESTIMATORS[lc.estimator].baseline,
         scale=str(lc.resolved_scale),
         std_ddof=lc.std_ddof,
         eps=lc.eps,
@@ -239,21 +239,30 @@ def check_blockwise(cfg: ExperimentConfig, tasks: dict) -> None:
             )
 
 
+def algorithm(cfg: ExperimentConfig) -> modes.AlgorithmSpec:
+    """The registry entry of the algorithm that runs (GRPO with ``algo.sampling.enabled``:
+    DAPO's)."""
+    spec = modes.ALGORITHMS[cfg.algo.name]
+    if spec.with_sampling is not None and cfg.algo.sampling.enabled:
+        spec = modes.ALGORITHMS[spec.with_sampling]
+    return spec
+
+
 def make_batch_sampler(cfg: ExperimentConfig, names, seed: int) -> RatioPreservingSampler:
-    """GRPO, DAPO and MT-GRPO are settings of the one ratio-preserving sampler."""
-    p = cfg.tasks.prompts_per_step
-    algo, ds, mt = cfg.algo.name, cfg.algo.sampling, cfg.algo.mt_grpo
-    common = dict(seed=seed, fill="pad")
-    if algo == Algo.GRPO and not ds.enabled:
-        return RatioPreservingSampler.from_preset("grpo", names, p, **common)
-    dyn = dict(oversample=ds.oversample, max_rounds=ds.max_rounds, filter=str(ds.filter), **common)
-    if algo == Algo.MT_GRPO:
-        return RatioPreservingSampler.from_preset(
-            "mt_grpo", names, p, max_inflation=mt.max_inflation, rho_decay=mt.rho_ema,
-            preserve_ratios=mt.preserve_ratios, preserve_from_step=mt.preserve_from_step,
-            target_mode=str(mt.target_mode), schedule=str(mt.schedule), **dyn,
-        )
-    return RatioPreservingSampler.from_preset("dapo", names, p, **dyn)
+    """GRPO, DAPO and MT-GRPO are settings (presets) of the one ratio-preserving sampler.
+
+    The batch is padded with filtered groups when the round cap leaves it short
+    (``fill="pad"``): the train step's shapes stay static.
+    """
+    spec, ds, mt = algorithm(cfg), cfg.algo.sampling, cfg.algo.mt_grpo
+    kw = dict(seed=seed, fill="pad")
+    if spec.dynamic_sampling:
+        kw.update(oversample=ds.oversample, max_rounds=ds.max_rounds, filter=str(ds.filter))
+    if spec.task_weights:
+        kw.update(max_inflation=mt.max_inflation, rho_decay=mt.rho_ema,
+                  preserve_ratios=mt.preserve_ratios, preserve_from_step=mt.preserve_from_step,
+                  target_mode=str(mt.target_mode), schedule=str(mt.schedule))
+    return RatioPreservingSampler.from_preset(spec.sampler, names, cfg.tasks.prompts_per_step, **kw)
 
 
 def _scorer(cfg: ExperimentConfig):
@@ -356,7 +365,8 @@ def step_config(cfg: ExperimentConfig, num_tasks: int) -> StepConfig:
         kl_coef=lc.kl_coef, kl_estimator=str(lc.kl_estimator),
         kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
         max_len=rc.max_new_tokens, recompute_old_logp=True,
-        num_tasks=num_tasks if cfg.algo.name == Algo.MT_GRPO else 0,
+        num_tasks=num_tasks if algorithm(cfg).task_weights else 0,
+        improvement_reduce=str(cfg.algo.mt_grpo.improvement_reduce),
     )
 
 
@@ -618,7 +628,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         ratios, global_batch=cfg.tasks.prompts_per_step, seed=cfg.tasks.seed,
     )
     batcher = make_batch_sampler(cfg, names, cfg.tasks.seed)
-    mt = TaskWeightUpdater(names, cfg.algo.mt_grpo) if cfg.algo.name == Algo.MT_GRPO else None
+    mt = TaskWeightUpdater(names, cfg.algo.mt_grpo) if algorithm(cfg).task_weights else None
     if restoring:
         state, meta = ckpt.restore(abstract_state=shd.abstract_like(abstract_state, state_sh))
         prompts.set_state(meta["task_sampler"])
@@ -746,8 +756,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         host["perf/peak_flops"] = peak
         pending = (step, host, dev_metrics, t0)
         if mt is not None:
-            everything = rollouts.Groups.concat(rounds)
-            mt.update(everything.correct, everything.task_ids,
+            mt.update([(r.correct, r.task_ids) for r in rounds],
                       np.asarray(dev_metrics["task_improvement"]))
             host.update(mt.metrics())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
@@ -787,6 +796,8 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         log(f"final policy saved (HF format) to {final}")
     summary["params"] = state.params
     summary["task_sampler_state"] = prompts.get_state()
+    summary["batch_sampler_state"] = batcher.get_state()
+    summary["task_weights_state"] = mt.get_state() if mt is not None else None
     return summary
 
 

@@ -37,14 +37,6 @@ class Groups:
     blocks: np.ndarray  # float32 [P, G, K] per-block rewards (K = 0 for unstructured tasks)
     block_ids: np.ndarray  # int32 [P, G, Tc] token block ids, -1 outside blocks (or not asked)
 
-    @property
-    def num_prompts(self) -> int:
-        return len(self.task_ids)
-
-    def zero_advantage(self) -> np.ndarray:
-        """bool [P]: every completion of the prompt has the same reward (no learning signal)."""
-        return np.all(self.rewards == self.rewards[:, :1], axis=1)
-
     def take(self, idx) -> Groups:
         idx = np.asarray(idx, dtype=np.int64)
         out = {}

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgrpo.core import losses as core_losses
+from jaxgrpo.core import weighting
 from jaxgrpo.core.logprobs import chunked_token_logprobs
 from jaxgrpo.core.masked import masked_mean
 from jaxgrpo.sharding import BATCH_AXES
@@ -71,6 +72,7 @@ class StepConfig:
     max_len: int | None = None
     ratio_level: str = "token"
     num_tasks: int = 0  # > 0: report the per-task improvement signal (MT-GRPO)
+    improvement_reduce: str = "sum"  # I_k over a task's trained sequences: "sum" or "mean"
     shuffle: bool = True
 
     def loss_kwargs(self) -> dict:
@@ -256,11 +258,12 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         metrics.update({"loss/total": loss, "grad/global_norm": gnorm, "update/skipped": 1.0 - ok})
         out = (metrics,)
         if cfg.num_tasks > 0:
-            before = seq_surrogate(params, mb, old_logp)
-            after = seq_surrogate(new_params, mb, old_logp)
-            # I_k = -(sum over task-k sequences of the surrogate-loss change)
-            delta = jax.ops.segment_sum(
-                -(after - before), mb.task_ids, num_segments=cfg.num_tasks
+            # I_k: change of the task's surrogate objective (minus the loss) across this update,
+            # summed or averaged over the task's trained sequences of the minibatch.
+            delta = weighting.task_improvement(
+                -seq_surrogate(params, mb, old_logp), -seq_surrogate(new_params, mb, old_logp),
+                mb.task_ids, cfg.num_tasks, clip=None, reduce=cfg.improvement_reduce,
+                valid=jnp.any(mb.loss_mask, axis=-1),
             )
             out = (metrics, delta)
         return (new_params, new_opt, nonfinite + (1 - ok.astype(jnp.int32)), ent_coef), out

@@ -1,6 +1,6 @@
 """The optimiser step on MT-GRPO's task logits ``xi`` (z = softmax(xi)), built on optax.
 
-The gradient comes from :mod:`jaxgrpo.core.weighting` (``iwu_gradient`` and friends), which
+The gradient comes from :mod:`jaxgrpo.core.weighting` (``iwu_gradient``), which
 returns ``dL/dxi`` of a quantity to *minimise*; optax descends on it, so it is passed unchanged.
 
 Optimiser kinds (``TASK_WEIGHT_OPTIMIZERS``; MT-GRPO, arXiv 2602.05547, Subroutine 1, and the
@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgrpo.core import weighting
+from jaxgrpo.core import modes, weighting
 
-TASK_WEIGHT_OPTIMIZERS = ("adam_l2", "adamw", "sgd")
+TASK_WEIGHT_OPTIMIZERS = modes.TASK_WEIGHT_OPTIMIZERS
 
 
 def _check_hparam(name: str, value, *, positive: bool = False, below_one: bool = False) -> float:
@@ -104,7 +104,7 @@ def task_weight_step(
     Args:
       logits: ``xi`` ``[K]``.
       opt_state: ``tx``'s state for ``logits``.
-      grad: ``[K]`` from ``weighting.iwu_gradient`` (or another ``*_gradient``), unchanged.
+      grad: ``[K]`` from ``weighting.iwu_gradient``, unchanged.
       tx: from :func:`make_task_weight_optimizer`.
 
     Returns:

@@ -120,46 +120,6 @@ def test_iwu_gradient_rejects_bad_input():
 # strict worst-task and regularised reward-only updates
 
 
-def test_worst_task_weight_rises_under_the_strict_update():
-    reward = np.array([0.8, 0.3, 0.6], np.float32)
-    xi = np.zeros(3)
-    z_prev = ref_softmax(list(xi))
-    grad = jax.jit(W.worst_task_gradient)
-    for _ in range(50):  # plain gradient descent, xi <- xi - beta g (paper Eq. 7)
-        g = np.asarray(grad(xi.astype(np.float32), reward))
-        np.testing.assert_allclose(g, ref_iwu_gradient(list(xi), reward, np.zeros(3), 1.0),
-                                   atol=1e-6)
-        xi = xi - 5.0 * g
-        z = ref_softmax(list(xi))
-        assert z[1] > z_prev[1]
-        z_prev = z
-    assert z_prev[1] > 0.9  # collapse toward one-hot on the worst task (paper §3.1)
-
-
-def test_regularised_reward_gradient_matches_reference():
-    rng = np.random.default_rng(3)
-    xi, acc = rand(rng, 4), rng.uniform(size=4).astype(np.float32)
-    got = W.regularised_reward_gradient(xi, acc, lam=0.2, eta=1e-2)
-    want = ref_iwu_gradient(xi, acc, np.zeros(4), 0.2) + 1e-2 * xi
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    with pytest.raises(ValueError, match="eta"):
-        W.regularised_reward_gradient(xi, acc, lam=0.2, eta=-1.0)
-
-
-def test_regularisation_keeps_weights_from_collapsing():
-    reward = np.array([0.8, 0.3, 0.6], np.float32)
-    finals = {}
-    for eta in (0.0, 0.25):
-        step = jax.jit(lambda x, eta=eta: x - 2.0 * W.regularised_reward_gradient(
-            x, reward, lam=1.0, eta=eta))
-        xi = jnp.zeros(3)
-        for _ in range(300):
-            xi = step(xi)
-        finals[eta] = np.asarray(W.task_weights(xi))
-    assert finals[0.0][1] > 0.95
-    assert finals[0.25][1] < 0.6 and finals[0.25].min() > 0.15
-
-
 # ------------------------------------------------------------------------------------------
 # signals
 
@@ -287,38 +247,9 @@ def test_ema_update_keeps_absent_tasks_and_matches_loop():
 # how weights enter the loss
 
 
-def test_sequence_weights_none_is_the_authors_unweighted_loss():
-    ids = np.array([0, 1, 1, 2], np.int32)
-    w = W.sequence_weights_from_tasks(np.array([0.7, 0.2, 0.1]), ids)
-    np.testing.assert_array_equal(w, np.ones(4))
-    w = W.sequence_weights_from_tasks(np.array([0.7, 0.2, 0.1]), ids,
-                                      valid=np.array([1, 0, 1, 1], bool))
-    np.testing.assert_array_equal(w, [1, 0, 1, 1])
-
-
-def test_sequence_weights_ratio_gives_each_task_its_weight_share():
-    rng = np.random.default_rng(9)
-    z = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
-    ids = rng.integers(0, 3, size=30).astype(np.int32)  # task 3 absent
-    valid = rng.uniform(size=30) > 0.2
-    w = np.asarray(jax.jit(lambda z, i, v: W.sequence_weights_from_tasks(z, i, mode="ratio",
-                                                                        valid=v))(z, ids, valid))
-    assert np.all(w[~valid] == 0)
-    assert abs(w[valid].mean() - 1.0) < 1e-5
-    present = [t for t in range(4) if np.any(valid & (ids == t))]
-    zp = {t: z[t] / sum(z[u] for u in present) for t in present}
-    for t in present:
-        share = w[valid & (ids == t)].sum() / w.sum()
-        assert abs(share - zp[t]) < 1e-5
-    with pytest.raises(ValueError, match="mode"):
-        W.sequence_weights_from_tasks(z, ids, mode="eq6")
-
-
 def test_all_empty_batch_is_nan_free():
     ids = np.zeros(4, np.int32)
     valid = np.zeros(4, bool)
-    w = W.sequence_weights_from_tasks(np.array([0.5, 0.5]), ids, mode="ratio", valid=valid)
-    np.testing.assert_array_equal(w, np.zeros(4))
     imp = W.task_improvement(np.ones(4), np.zeros(4), ids, 2, clip=0.1, reduce="mean",
                              valid=valid)
     np.testing.assert_array_equal(imp, np.zeros(2))
@@ -331,26 +262,21 @@ def test_per_row_functions_vmap_over_a_batch_of_rounds():
     ids = rng.integers(0, k, size=(b, n)).astype(np.int32)
     rewards = rng.choice([0.0, 0.1, 1.0], size=(b, 5, 6)).astype(np.float32)
     pids = rng.integers(0, k, size=(b, 5)).astype(np.int32)
-    z = np.asarray(jax.nn.softmax(rand(rng, b, k)))
     xi, acc = rand(rng, b, k), rng.uniform(size=(b, k)).astype(np.float32)
 
-    def one_row(v, i, r, pi, zz, x, a):
+    def one_row(v, i, r, pi, x, a):
         return (W.per_task_mean(v, i, k)[0], W.task_accuracy(r, pi, k)[0],
-                W.sequence_weights_from_tasks(zz, i, mode="ratio"),
-                W.worst_task_gradient(x, a),
-                W.regularised_reward_gradient(x, a, lam=0.2, eta=0.1))
+                W.softmax_objective_gradient(x, a))
 
-    args = (vals, ids, rewards, pids, z, xi, acc)
+    args = (vals, ids, rewards, pids, xi, acc)
     batched = jax.jit(jax.vmap(one_row))(*args)
     single = jax.jit(one_row)
     for r in range(b):
         row = single(*(x[r] for x in args))
         for got, want in zip(batched, row, strict=True):
             np.testing.assert_allclose(got[r], want, atol=1e-6)
-        np.testing.assert_allclose(row[3], ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 1.0),
+        np.testing.assert_allclose(row[2], ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 1.0),
                                    atol=1e-6)
-        np.testing.assert_allclose(row[4], ref_iwu_gradient(xi[r], acc[r], np.zeros(k), 0.2)
-                                   + 0.1 * xi[r], atol=1e-6)
         want_mean = [np.mean(vals[r][ids[r] == t]) if np.any(ids[r] == t) else 0.0
                      for t in range(k)]
         np.testing.assert_allclose(row[0], want_mean, atol=1e-6)
@@ -363,24 +289,6 @@ def test_hand_computed_iwu_example():
                        np.array([0.1, 0.0, -0.1], np.float32), lam=0.2)
     np.testing.assert_allclose(g, [0.06, 0.0, -0.06], atol=1e-7)
     assert float(g[1]) == 0.0
-
-
-def test_task_logit_gradient_dispatches_by_name():
-    rng = np.random.default_rng(12)
-    xi, acc, imp = rand(rng, 3), rng.uniform(size=3).astype(np.float32), rand(rng, 3)
-    np.testing.assert_allclose(W.task_logit_gradient("iwu", xi, acc, imp, lam=0.3),
-                               ref_iwu_gradient(xi, acc, imp, 0.3), atol=1e-6)
-    np.testing.assert_allclose(W.task_logit_gradient("worst_task", xi, acc, lam=2.0),
-                               ref_iwu_gradient(xi, acc, np.zeros(3), 2.0), atol=1e-6)
-    np.testing.assert_allclose(
-        W.task_logit_gradient("regularised_reward", xi, acc, lam=0.2, eta=0.01),
-        ref_iwu_gradient(xi, acc, np.zeros(3), 0.2) + 0.01 * xi, atol=1e-6)
-    with pytest.raises(ValueError, match="update"):
-        W.task_logit_gradient("famo", xi, acc, imp)
-    with pytest.raises(ValueError, match="improvement"):
-        W.task_logit_gradient("iwu", xi, acc, lam=0.3)
-    with pytest.raises(ValueError, match="eta"):
-        W.task_logit_gradient("iwu", xi, acc, imp, lam=0.3, eta=0.1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +306,6 @@ def test_traced_hyperparameters_give_the_static_result():
     present = np.array([True, False, True, True])
     cases = [
         (lambda h: W.iwu_gradient(xi, acc, imp, lam=h), 0.3),
-        (lambda h: W.regularised_reward_gradient(xi, acc, lam=0.2, eta=h), 0.05),
-        (lambda h: W.task_logit_gradient("worst_task", xi, acc, lam=h), 0.7),
         (lambda h: W.ema_update(acc, imp, present, decay=h), 0.5),
         (lambda h: W.task_improvement(before, after, ids, 4, clip=h), 0.1),
         (lambda h: W.task_accuracy(rewards, pids, 4, threshold=h)[0], 0.5),
@@ -420,5 +326,3 @@ def test_nan_values_stay_in_their_task_and_out_of_range_ids_are_dropped():
     assert imp[0] == 0.5 and np.isnan(imp[1]) and imp[2] == 0.5
     acc, _ = W.task_accuracy(np.array([[1.0, np.nan]], np.float32), np.array([0]), 1)
     assert float(acc[0]) == 0.5  # the NaN rollout counts as incorrect
-    w = np.asarray(W.sequence_weights_from_tasks(np.full(3, 1 / 3, np.float32), ids, mode="ratio"))
-    assert w[4] == 0 and np.isfinite(w).all()

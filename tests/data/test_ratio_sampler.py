@@ -345,10 +345,11 @@ def test_grpo_rps_preset_preserves_uniform_ratios():
 
 
 def test_ratio_preservation_warm_up_steps():
+    # Steps counted from 1, as the released code: from step 3 means the third call preserves.
     rps = RatioPreservingSampler(TASKS, 12, preserve_from_step=3, target_mode="exact", seed=0)
     gen = MockGenerator({"countdown": 0.0, "zebra": 0.0, "arc": 0.9})
     preserved = 0
-    for step in range(8):
+    for step in range(1, 9):
         res = rps.run_step(None, gen)
         if step < 3:  # DAPO behaviour: one round suffices, arc under-represented
             assert res.rounds == 1
@@ -505,3 +506,58 @@ def test_run_step_validation():
     with pytest.raises(ValueError, match="get_state"):
         rps.set_state({})
     assert set(PRESETS) >= {"grpo", "dapo", "grpo_rps", "mt_grpo"}
+
+
+class AcceptAll:
+    """Every group has a learning signal (mixed rewards): all are accepted."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, requests):
+        out = []
+        for task, count in requests.items():
+            for _ in range(count):
+                out.append(Group(task, f"{task}/{self.n}", MIXED))
+                self.n += 1
+        return out
+
+
+def test_scaled_targets_summing_to_b_plus_one_keep_every_task():
+    """Round-1 shares [2, 2, 92] of 96 round to targets [1, 1, 31] for B = 32: the extra prompt
+    is taken from the task with the largest target, never from a single-slot task."""
+    z = [2 / 96, 2 / 96, 92 / 96]
+    for seed in range(100):
+        rps = RatioPreservingSampler(TASKS, 32, target_mode="scaled", draw_mode="exact",
+                                     max_inflation=1.0, seed=seed)
+        res = rps.run_step(z, AcceptAll())
+        assert res.targets == {"countdown": 1, "zebra": 1, "arc": 31}
+        assert res.realised_counts == {"countdown": 1, "zebra": 1, "arc": 30}, seed
+
+
+def test_no_task_with_a_target_and_an_accepted_group_ends_empty():
+    rng = np.random.default_rng(5)
+    over = 0
+    for seed in range(150):
+        z = rng.dirichlet(np.full(3, 0.3))
+        rps = RatioPreservingSampler(TASKS, 8, target_mode="scaled", schedule="code",
+                                     max_rounds=int(rng.integers(1, 4)), seed=seed)
+        gen = MockGenerator(dict(zip(TASKS, rng.uniform(0, 0.9, 3), strict=True)), seed=seed)
+        for _ in range(3):
+            res = rps.run_step(z, gen)
+            over += sum(res.targets.values()) > 8
+            accepted = res.accepted_counts[-1]
+            for t in TASKS:
+                if res.targets[t] > 0 and accepted[t] > 0:
+                    assert res.realised_counts[t] >= 1, (seed, res.targets, accepted)
+    assert over > 0  # the B + 1 (or more) trim was exercised
+
+
+def test_exp2_code_preset_preserves_from_the_tenth_step_counted_from_one():
+    # arc is always filtered; without preservation round 1's other groups fill B, with it the
+    # second (last) round chases arc's deficit.
+    rps = RatioPreservingSampler.from_preset("mt_grpo_exp2_code", TASKS, 12, max_inflation=1.0,
+                                             seed=0)
+    gen = MockGenerator({"countdown": 0.0, "zebra": 0.0, "arc": 1.0})
+    rounds = [rps.run_step(None, gen).rounds for _ in range(12)]
+    assert rounds == [1] * 9 + [2] * 3

@@ -2,6 +2,7 @@
 
 import io
 import json
+import zlib
 
 import jax
 import numpy as np
@@ -28,16 +29,34 @@ def _assert_same_params(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "dapo"])
-def test_interrupted_and_resumed_run_is_bitwise_identical(nano_model, tmp_path, algo):
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "mt_grpo"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(nano_model, tmp_path, monkeypatch,
+                                                           algo):
     extra = {"algo.name": algo}
     if algo == "dapo":
         extra.update({"algo.sampling.max_rounds": 2, "loss.clip_high": 0.28})
+    if algo == "mt_grpo":  # several rounds and updates per step, weights that move
+        extra.update({"algo.sampling.max_rounds": 3, "loss.minibatches": 2,
+                      "algo.mt_grpo.weight_lr": 0.5})
+        rates = {"reverse@1": 0.8, "addition@1": 0.5, "countdown@2": 0.2}
+
+        def fake_score_many(task, records, completions, **kw):
+            # A per-task success rate, decided by the completion's text and prompt alone, so
+            # that the interrupted run scores what the uninterrupted one does.
+            flips = [zlib.crc32(f"{r}|{c}".encode()) / 2**32
+                     for r, c in zip(records, completions, strict=True)]
+            return [Score(reward=float(u < rates[task.spec]), correct=bool(u < rates[task.spec]),
+                          format_ok=True, error=None) for u in flips]
+
+        monkeypatch.setattr(loop, "score_many", fake_score_many)
     full = _run(tmp_path / "full", **extra)
     _run(tmp_path / "cut", stop_after=2, **extra)
     resumed = _run(tmp_path / "cut", resume=True, **extra)
     _assert_same_params(full["params"], resumed["params"])
-    assert full["task_sampler_state"] == resumed["task_sampler_state"]
+    for key in ("task_sampler_state", "batch_sampler_state", "task_weights_state"):
+        assert full[key] == resumed[key], key
+    if algo == "mt_grpo":
+        assert resumed["task_weights_state"]["logits"] != [0.0, 0.0, 0.0]
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "cut" / "metrics.jsonl"))]
     assert steps[:4] == [1, 2, 3, 4]
 

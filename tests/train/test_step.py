@@ -4,6 +4,8 @@ A toy causal model with the policy interface (``__call__(tokens, mask=, return_h
 ``unembedding()``) keeps these tests fast and independent of the transformer.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,6 +127,68 @@ def test_improvement_signal_per_task_and_minibatch():
     assert imp.shape == (2, 2) and np.all(np.isfinite(imp))
     # A gradient step on the surrogate should not make it worse overall (small lr).
     assert imp.sum() > -1e-6
+
+
+def _np_seq_surrogate(logp, old, adv, mask, lo, hi):
+    """Per-sequence token-mean clipped surrogate objective, plain loops."""
+    out = []
+    for n in range(logp.shape[0]):
+        terms = []
+        for t in range(logp.shape[1]):
+            if mask[n, t]:
+                r = math.exp(float(logp[n, t]) - float(old[n, t]))
+                a = float(adv[n])
+                terms.append(min(r * a, min(max(r, 1 - lo), 1 + hi) * a))
+        out.append(sum(terms) / len(terms) if terms else 0.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_improvement_is_the_change_over_each_minibatchs_trained_sequences(reduce):
+    """I_k[m] = sum or mean, over minibatch m's trained task-k rows, of S_i(after) - S_i(before);
+    a padded row (valid False) counts in neither."""
+    m_count, k = 2, 2
+    cfg = StepConfig(num_minibatches=m_count, num_tasks=k, logprob_chunk=4, shuffle=False,
+                     improvement_reduce=reduce)
+    parts, tx, state = _setup(cfg)
+    b = _batch()
+    loss_mask = np.asarray(b.loss_mask).copy()
+    loss_mask[1] = False  # row 1 (task 0, minibatch 0) is padding, as assemble(valid=) makes it
+    b = jax.tree.map(jnp.asarray, batch_lib.TrainBatch(**{**b.__dict__, "loss_mask": loss_mask}))
+    params = jax.tree.map(jnp.copy, state.params)
+    _, metrics = make_train_step(parts, tx, cfg)(state, b)
+
+    def logp_of(p):
+        model = parts.merge(p)
+        return token_logprobs(model(b.tokens[:, :-1], mask=b.attn_mask[:, :-1]), b.tokens[:, 1:])
+
+    old = np.asarray(logp_of(params))
+    rows = b.tokens.shape[0] // m_count
+    want = np.zeros((m_count, k))
+    for m in range(m_count):
+        sl = slice(m * rows, (m + 1) * rows)
+        mb = jax.tree.map(lambda a, sl=sl: a[sl], b)
+
+        def mb_loss(p, mb=mb, sl=sl):
+            model = parts.merge(p)
+            lp = token_logprobs(model(mb.tokens[:, :-1], mask=mb.attn_mask[:, :-1]),
+                                mb.tokens[:, 1:])
+            return losses.policy_loss(lp, jnp.asarray(old[sl]), mb.advantages, mb.loss_mask,
+                                      **cfg.loss_kwargs())[0]
+
+        grads = jax.grad(mb_loss)(params)
+        new = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+        args = (np.asarray(b.advantages)[sl], np.asarray(b.loss_mask)[sl], 0.2, 0.2)
+        before = _np_seq_surrogate(np.asarray(logp_of(params))[sl], old[sl], *args)
+        after = _np_seq_surrogate(np.asarray(logp_of(new))[sl], old[sl], *args)
+        trained = np.asarray(b.loss_mask)[sl].any(axis=1)
+        tasks = np.asarray(b.task_ids)[sl]
+        for task in range(k):
+            d = [after[i] - before[i] for i in range(rows) if trained[i] and tasks[i] == task]
+            want[m, task] = (sum(d) / len(d) if reduce == "mean" else sum(d)) if d else 0.0
+        params = new
+    np.testing.assert_allclose(np.asarray(metrics["task_improvement"]), want,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_second_call_compiles_nothing():
