@@ -94,6 +94,15 @@ class StepConfig:
         redundant = self.epochs == 1 and self.num_minibatches == 1 and self.num_tasks == 0
         return self.recompute_old_logp and not redundant
 
+    @property
+    def forward_passes(self) -> int:
+        """Forward-pass equivalents over the whole batch per step, for model-FLOP accounting
+        (``2 N`` FLOPs per token each, ``N`` the matmul parameters): 3 per epoch (forward and
+        backward), 1 for the separate old-log-prob forward, 1 for the reference forward (KL), 2
+        per epoch for the improvement signal's surrogates before and after each update."""
+        return (3 * self.epochs + int(self.old_logp_forward) + int(self.kl_coef > 0)
+                + (2 * self.epochs if self.num_tasks > 0 else 0))
+
     def loss_kwargs(self) -> dict:
         kw = dict(
             clip_low=self.clip_low,
