@@ -585,6 +585,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool, stop_after: int | None, s
         host["perf/rollout_flops"] = 2.0 * policy.matmul_params * (
             host["rollout/tokens"] + sum(float(r.prompt_mask.sum()) for r in rounds))
         trained = float(groups.prompt_mask.sum()) * rc.group_size + float(groups.mask.sum())
+        host["update/tokens"] = trained  # real (unpadded) tokens of the train batch
         host["perf/update_flops"] = (2.0 * policy.matmul_params * step_cfg.forward_passes
                                      * trained)
         host["perf/peak_flops"] = peak
