@@ -2,13 +2,20 @@
 
 Usage (from the repository root):
     PYTHONPATH=$PWD python benchmarks/train_step_throughput.py [--rows 16] [--seq 256] [--repeats 3]
+        [--preset bench29m|demo] [--real-frac 1.0] [--epochs 1]
 
-Runs ``jaxgrpo.train.step.make_train_step`` (the code ``jaxgrpo train`` runs: old log-probs
-recomputed by a forward pass, then forward + backward through the chunked log-probs and the
-clipped loss, AdamW) on the 29.4M-parameter benchmark config, and prints one JSON object with
-tokens/s and model FLOP utilisation as a fraction of the float32 matmul peak measured in the
-same run. Model FLOPs per trained token: 6 * N_matmul + 12 * L * H * Dh * T/2 (fwd + bwd), plus
-2 * N_matmul + 4 * L * H * Dh * T/2 for the old-log-prob forward ("mfu_with_old_logp").
+Runs ``jaxgrpo.train.step.make_train_step`` (the code ``jaxgrpo train`` runs: forward + backward
+through the chunked log-probs and the clipped loss, AdamW; the old log-probs by a separate
+forward pass only when it is not the loss pass, ``StepConfig.old_logp_forward``) on the
+29.4M-parameter Qwen2-shaped benchmark config (or the demo's model with the demo tokenizer's
+vocabulary), and prints one JSON object with tokens/s and model FLOP utilisation against the
+float32 matmul peak measured in the same run by the trainer's own
+``jaxgrpo.train.loop.measure_matmul_peak``.
+
+``mfu`` counts model FLOPs as the trainer's ``perf/update_mfu`` does: ``2 * N_matmul`` per real
+token and forward pass, ``StepConfig.forward_passes`` passes (3 per epoch). ``--real-frac``
+left-pads each row so that only that fraction of its tokens is real, as a rollout batch is.
+``mfu_with_attention`` adds the attention FLOPs, ``4 * L * H * Dh * T/2`` per token and pass.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import jax
@@ -27,11 +33,9 @@ from flax import nnx
 
 from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.train.batch import TrainBatch
+from jaxgrpo.train.loop import measure_matmul_peak
 from jaxgrpo.train.state import init_train_state, split_model
 from jaxgrpo.train.step import StepConfig, make_train_step
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from rollout_throughput import matmul_peak  # noqa: E402
 
 
 def main(argv=None):
@@ -40,26 +44,43 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=512, help="log-prob chunk (positions)")
+    ap.add_argument("--preset", choices=["bench29m", "demo"], default="bench29m")
+    ap.add_argument("--real-frac", type=float, default=1.0,
+                    help="fraction of each row's tokens that are real (the rest left padding)")
+    ap.add_argument("--epochs", type=int, default=1)
     args = ap.parse_args(argv)
+    if not 0 < args.real_frac <= 1:
+        raise SystemExit(f"--real-frac must be in (0, 1], got {args.real_frac}")
 
-    cfg = ModelConfig.bench29m()
+    if args.preset == "demo":
+        import tempfile
+
+        from jaxgrpo.model import build_demo_tokenizer
+
+        with tempfile.TemporaryDirectory() as d:
+            cfg = ModelConfig.demo(len(build_demo_tokenizer(d)))
+    else:
+        cfg = ModelConfig.bench29m()
     parts, params = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
-    step = make_train_step(parts, tx, StepConfig(logprob_chunk=args.chunk))
+    step_cfg = StepConfig(logprob_chunk=args.chunk, epochs=args.epochs)
+    step = make_train_step(parts, tx, step_cfg)
     n, t = args.rows, args.seq
     rng = np.random.default_rng(0)
     s = t - 1
+    pad = t - max(2, round(args.real_frac * t))  # left padding of every row
+    attn = np.arange(t)[None, :] >= pad
     batch = TrainBatch(
         tokens=jnp.asarray(rng.integers(3, cfg.vocab_size, (n, t)), jnp.int32),
-        attn_mask=jnp.ones((n, t), bool),
-        loss_mask=jnp.asarray(np.arange(s)[None, :] >= t // 4).repeat(n, 0),
+        attn_mask=jnp.asarray(attn).repeat(n, 0),
+        loss_mask=jnp.asarray(np.arange(s)[None, :] >= max(t // 4, pad)).repeat(n, 0),
         advantages=jnp.asarray(rng.normal(size=(n,)), jnp.float32),
         old_logp=jnp.zeros((n, s), jnp.float32),
         token_weights=jnp.ones((n, s), jnp.float32),
         sequence_weights=jnp.ones((n,), jnp.float32),
         task_ids=jnp.zeros((n,), jnp.int32),
     )
-    peak = matmul_peak(args.repeats)
+    peak = measure_matmul_peak()
     state = init_train_state(params, tx, 0, with_ref=False)
     state, m = step(state, batch)  # compile
     jax.block_until_ready(m)
@@ -70,22 +91,25 @@ def main(argv=None):
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
-    tokens = n * (t - 1)
-    attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (t / 2)
-    fwd = 2.0 * cfg.matmul_params + attn
+    tokens = n * (t - pad)  # real tokens, as the trainer counts them
+    attn_flops = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (t / 2)
+    passes = step_cfg.forward_passes
     out = {
-        "config": "bench29m",
+        "config": args.preset,
         "params": cfg.num_params,
         "rows": n,
         "seq_len": t,
+        "real_tokens": tokens,
+        "forward_passes": passes,
         "step_s": dt,
         "tokens_per_s": tokens / dt,
         "matmul_peak_gflops": peak / 1e9,
-        "mfu": 3 * fwd * tokens / dt / peak,
-        "mfu_with_old_logp": 4 * fwd * tokens / dt / peak,
+        "mfu": passes * 2.0 * cfg.matmul_params * tokens / dt / peak,
+        "mfu_with_attention": passes * (2.0 * cfg.matmul_params + attn_flops) * tokens / dt / peak,
         "loss_finite": bool(np.isfinite(float(m["loss/total"]))),
     }
     print(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

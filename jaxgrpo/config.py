@@ -342,6 +342,9 @@ class LossConfig:
     epochs: int = 1  # mu: passes over each rollout batch
     minibatches: int = 1  # policy updates per epoch
     micro_batches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
+    # old policy = the trainer's log-probs at the start of the step (false: the sampler's); no
+    # extra forward pass when it is the loss pass (1 epoch, 1 minibatch, not MT-GRPO)
+    recompute_old_logp: bool = True
     entropy_coef: float = 0.0
     adaptive_entropy: bool = False  # Skywork-OR1 controller, as BAE uses it
     target_entropy: float = 0.2

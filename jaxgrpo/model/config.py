@@ -167,9 +167,13 @@ class ModelConfig:
 
     @classmethod
     def bench29m(cls, **overrides) -> ModelConfig:
-        """The throughput benchmark config: 29.4M parameters, vocab 8,192, width 512, 8 layers."""
+        """The throughput benchmark config, a small Qwen2 shape: 29,377,024 parameters, vocab
+        8,192, width 512, MLP 1,536, 8 layers, 8 query and 4 KV heads of 64, q/k/v biases, RoPE
+        theta 1e6, RMSNorm epsilon 1e-6, tied embeddings (``Qwen2ForCausalLM`` of the same
+        ``Qwen2Config`` has as many parameters; tests/model/test_bench_preset.py)."""
         kw = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8,
-                  num_heads=8, num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
+                  num_heads=8, num_kv_heads=4, head_dim=64, tie_word_embeddings=True,
+                  qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6)
         kw.update(overrides)
         return cls(**kw)
 

@@ -74,6 +74,7 @@ from jaxgrpo.train.policy import build_policy, special_ids
 from jaxgrpo.train.preemption import PreemptionWatch
 from jaxgrpo.train.state import ModelParts, init_train_state, split_model
 from jaxgrpo.train.step import StepConfig, make_train_step
+from jaxgrpo.train.timing import StageClock
 
 
 @dataclasses.dataclass
@@ -364,7 +365,7 @@ def step_config(cfg: ExperimentConfig, num_tasks: int) -> StepConfig:
         clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip,
         kl_coef=lc.kl_coef, kl_estimator=str(lc.kl_estimator),
         kl_ratio_correction=lc.kl_ratio_correction, agg=str(lc.agg),
-        max_len=rc.max_new_tokens, recompute_old_logp=True,
+        max_len=rc.max_new_tokens, recompute_old_logp=lc.recompute_old_logp,
         num_tasks=num_tasks if algorithm(cfg).task_weights else 0,
         improvement_reduce=str(cfg.algo.mt_grpo.improvement_reduce),
     )
@@ -684,11 +685,14 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
     pending = None  # (step, host metrics, device metrics): fetched one step late
     end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     preempted_at = None
+    clock = StageClock()  # stage times, read with the metrics (one step late, no device sync)
+    verify = clock.timed("verify", _scorer(cfg))
+    loop_t0 = time.perf_counter()
     for step in range(start_step, end_step):
+        clock.begin(step)
         first = step == start_step
         metrics_lib.set_phase(stream, f"RL step {step + 1}/{cfg.train.steps}: rollouts"
                               + (" (compiling the sampler)" if first else ""))
-        t0 = time.perf_counter()
         rounds: list[rollouts.Groups] = []
         rollout_params = policy.for_rollout(state.params)
 
@@ -702,7 +706,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
                 generate=lambda tok, msk, rk: gen(_params, tok, msk, rk),
                 key=rng_lib.rollout_key(base_key, _step, len(_rounds)),
                 prompt_buckets=rc.prompt_buckets,
-                pad_id=pad_id, score_fn=_scorer(cfg), with_blocks=blockwise,
+                pad_id=pad_id, score_fn=verify, with_blocks=blockwise,
                 eos_ids=policy.eos_ids, max_prompts=local_max_prompts,
             )
             g = _gather_groups(g, items, pad)
@@ -721,7 +725,7 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         chosen = [g.payload for g in result.batch]
         groups = rollouts.Groups.concat([rounds[r].take([i]) for r, i in chosen])
         valid = ~np.asarray(result.padded)[:, None] & ~groups.errors
-        t_rollout = time.perf_counter() - t0
+        clock.rollout_done()
         adv, token_weights = batch_advantages(groups, valid, cfg)
         tb = batch_lib.assemble(
             groups.prompt_tokens, groups.prompt_mask, groups.tokens, groups.mask, adv,
@@ -737,40 +741,47 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         metrics_lib.set_phase(stream, f"RL step {step + 1}/{cfg.train.steps}: train step"
                               + (" (compiling it)" if first else ""))
         state, dev_metrics = train_step(state, tb)
+        clock.dispatched(dev_metrics)
         if ent_ctl is not None:
             # The next rollout waits for this step's parameters anyway: fetching one scalar
             # here costs no overlap.
             coef = ent_ctl.update(coef_used, float(dev_metrics["loss/entropy_mean"]))
             state = state.replace(entropy_coef=_replicated(coef, mesh))
         if pending is not None:
-            _flush(pending, writer, guard, progress)
-        host = _rollout_metrics(groups, rounds, names, result, _slowest(t_rollout))
+            _flush(pending, writer, guard, progress, clock)
+        host = _rollout_metrics(groups, rounds, names, result)
         if blockwise:
             host.update(_block_metrics(groups, valid, adv, cfg))
         if ent_ctl is not None:
             host["loss/entropy_coef"] = coef_used
-        # Model FLOPs: rollout forward (2N per token) + old-log-prob forward and fwd/bwd (8N).
-        host["perf/model_flops"] = 2.0 * policy.matmul_params * (
-            host["rollout/tokens"] + groups.prompt_mask.sum() * rc.group_size
-        ) + 8.0 * policy.matmul_params * tb.tokens.size
+        # Model FLOPs, 2N per real token and forward pass: the rollouts' (every round; each
+        # prompt prefilled once) and the train step's (StepConfig.forward_passes).
+        host["perf/rollout_flops"] = 2.0 * policy.matmul_params * (
+            host["rollout/tokens"] + sum(float(r.prompt_mask.sum()) for r in rounds))
+        trained = float(groups.prompt_mask.sum()) * rc.group_size + float(groups.mask.sum())
+        host["update/tokens"] = trained  # real (unpadded) tokens of the train batch
+        host["perf/update_flops"] = (2.0 * policy.matmul_params * step_cfg.forward_passes
+                                     * trained)
         host["perf/peak_flops"] = peak
-        pending = (step, host, dev_metrics, t0)
+        pending = (step, host, dev_metrics)
         if mt is not None:
             mt.update([(r.correct, r.task_ids) for r in rounds],
                       np.asarray(dev_metrics["task_improvement"]))
             host.update(mt.metrics())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
             metrics_lib.set_phase(stream, f"evaluating after step {step + 1}")
-            acc = evaluate(policy, policy.for_rollout(state.params), tasks, es, cfg, eval_key)
+            acc = clock.timed("eval", evaluate)(policy, policy.for_rollout(state.params), tasks,
+                                                es, cfg, eval_key)
             writer.write_scalars(step + 1, {f"eval/{k}/accuracy": v for k, v in acc.items()})
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-            _save(ckpt, state, prompts, batcher, mt, summary, cfg)
+            clock.timed("checkpoint", _save)(ckpt, state, prompts, batcher, mt, summary, cfg)
             last_saved = step + 1
         if step + 1 < cfg.train.steps and watch.reached(step + 1):
             preempted_at = step + 1
             break
     if pending is not None:
-        _flush(pending, writer, guard, progress)
+        _flush(pending, writer, guard, progress, clock)
+    summary["train_loop_s"] = time.perf_counter() - loop_t0  # the steps' wall time
     if last_saved != int(state.step):
         _save(ckpt, state, prompts, batcher, mt, summary, cfg)
     ckpt.wait()
@@ -845,9 +856,10 @@ def _gather_groups(local: rollouts.Groups, items: list, pad: int) -> rollouts.Gr
     return rollouts.Groups(items=list(items), texts=texts[:n], **out)
 
 
-def _slowest(seconds: float) -> float:
-    """The largest of every host's value (one host's rollout time holds up all of them)."""
-    return float(shd.allgather_rows(np.asarray([seconds], np.float64)).max())
+def _slowest(seconds: dict) -> dict:
+    """Each value the largest over the hosts (one host's stage time holds up all of them)."""
+    top = shd.allgather_rows(np.asarray([list(seconds.values())], np.float64)).max(0)
+    return dict(zip(seconds, top.tolist(), strict=True))
 
 
 def _replicated(value: float, mesh) -> jax.Array:
@@ -939,7 +951,7 @@ def _apply_overlong(groups: rollouts.Groups, cfg: ExperimentConfig) -> None:
         )
 
 
-def _rollout_metrics(groups: rollouts.Groups, rounds, names, result, seconds) -> dict:
+def _rollout_metrics(groups: rollouts.Groups, rounds, names, result) -> dict:
     task_names = [names[i] for i in groups.task_ids]
     lengths = groups.mask.sum(-1)
     out = metrics_lib.per_task_metrics(task_names, groups.rewards, groups.correct, lengths)
@@ -952,7 +964,6 @@ def _rollout_metrics(groups: rollouts.Groups, rounds, names, result, seconds) ->
     out["verifier/errors"] = float(everything.errors.sum())
     out["rollout/truncated_frac"] = float(everything.truncated.mean())
     out["rollout/length_mean"] = float(lengths.mean())
-    out["time/rollout_s"] = seconds
     out["rollout/tokens"] = float(everything.mask.sum())
     return out
 
@@ -973,15 +984,22 @@ def _block_metrics(groups: rollouts.Groups, valid, token_adv, cfg: ExperimentCon
     return out
 
 
-def _flush(pending, writer, guard, progress) -> None:
-    step, host, dev, t0 = pending
+def _flush(pending, writer, guard, progress, clock: StageClock) -> None:
+    step, host, dev = pending
+    times = _slowest(clock.times(step))  # waits for the update, which is done or nearly
     dev = jax.device_get(dev)
     dev.pop("task_improvement", None)
-    scalars = {**host, **metrics_lib.to_scalars(dev)}
-    dt = scalars["time/step_s"] = time.perf_counter() - t0
+    scalars = {**host, **metrics_lib.to_scalars(dev), **times}
+    dt, peak = times["time/step_s"], scalars["perf/peak_flops"]
+    rollout_flops, update_flops = scalars.pop("perf/rollout_flops"), scalars.pop("perf/update_flops")
     scalars["perf/tokens_per_s"] = scalars["rollout/tokens"] / dt
     # perf/peak_flops (the denominator; its source is in the hparams) stays in the log.
-    scalars["perf/mfu"] = scalars.pop("perf/model_flops") / dt / scalars["perf/peak_flops"]
+    scalars["perf/mfu"] = metrics_lib.mfu(rollout_flops + update_flops, dt, peak)
+    # The train step alone (batch assembly and transfer included), and the rollout alone.
+    scalars["perf/update_mfu"] = metrics_lib.mfu(update_flops, max(times["time/update_s"], 1e-9),
+                                                 peak)
+    scalars["perf/rollout_tokens_per_s"] = (scalars["rollout/tokens"]
+                                            / max(times["time/rollout_s"], 1e-9))
     guard.check(step, scalars)
     scalars.update(guard.metrics())
     writer.write_scalars(step + 1, scalars)

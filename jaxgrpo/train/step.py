@@ -3,8 +3,8 @@
 One call consumes one rollout batch (:class:`~jaxgrpo.train.batch.TrainBatch`):
 
 1. Reference quantities, once, with the parameters at the start of the step: the "old" policy's
-   log-probs (recomputed in the trainer's layout unless the sampler's are trusted; the gap between
-   the two is logged) and the reference policy's log-probs when KL is on.
+   log-probs (recomputed in the trainer's layout unless the sampler's are trusted, see below) and
+   the reference policy's log-probs when KL is on.
 2. ``lax.scan`` over ``epochs * num_minibatches`` minibatches (rows shuffled per epoch by the
    step's shuffle key, :func:`jaxgrpo.train.rng.shuffle_key`): gradient of :func:`jaxgrpo.core.losses.policy_loss` accumulated
    exactly over micro-batches (numerators summed, one shared denominator), then an optax update.
@@ -24,6 +24,17 @@ so every scan iteration works on ``N/(D*parts)`` rows on each device and no devi
 another's. With ``D = 1`` part ``i`` is the ``i``-th contiguous block of rows. The minibatches
 (hence the updates) depend on ``D`` when ``num_minibatches > 1``; micro-batches do not change the
 update (exact accumulation).
+
+**Old log-probs.** With ``recompute_old_logp`` the old policy is the trainer's own at the start
+of the step. A separate forward pass over the batch computes it, except when that pass is
+provably the loss pass itself: one epoch, one minibatch and no improvement signal
+(:attr:`StepConfig.old_logp_forward` is False). Every micro-batch is then differentiated at the
+step's starting parameters, so its old log-probs are its current ones, stop-gradiented (ratio 1
+in value, the same loss and gradient), and the step runs one forward and one backward. Without
+``recompute_old_logp`` the sampler's log-probs are the old policy. The gap between the two,
+``logp/sampler_trainer_gap`` (masked mean of ``|trainer - sampler|``), comes from the separate
+forward when there is one, otherwise from the first update's own forward pass at the starting
+parameters: the whole batch with one minibatch, the first minibatch's rows with several.
 
 Everything model-specific comes through ``ModelParts`` (split NNX model) and the model's
 ``__call__(tokens, mask=..., return_hidden=True)`` and ``unembedding()``.
@@ -57,7 +68,9 @@ class StepConfig:
     microbatches: int = 1  # gradient-accumulation chunks per minibatch (memory only; exact)
     # row blocks of the batch (data*fsdp devices); None: from batch_sharding's mesh, 1 without
     row_shards: int | None = None
-    recompute_old_logp: bool = True  # old log-probs from the trainer, not the sampler
+    # old log-probs from the trainer at the start of the step, not the sampler (see the module
+    # docstring: no extra forward pass with one epoch, one minibatch and no improvement signal)
+    recompute_old_logp: bool = True
     # logit rows (sequences x positions, global) per chunk of chunked_token_logprobs: a chunk
     # covers max(1, logprob_chunk // rows) positions of every row of a micro-batch
     logprob_chunk: int = 256
@@ -74,6 +87,23 @@ class StepConfig:
     num_tasks: int = 0  # > 0: report the per-task improvement signal (MT-GRPO)
     improvement_reduce: str = "sum"  # I_k over a task's trained sequences: "sum" or "mean"
     shuffle: bool = True
+
+    @property
+    def old_logp_forward(self) -> bool:
+        """True when the step runs a separate forward pass for the old log-probs: recomputed,
+        and not provably the loss pass's own (more than one epoch or minibatch, or the
+        improvement signal, whose surrogates need them)."""
+        redundant = self.epochs == 1 and self.num_minibatches == 1 and self.num_tasks == 0
+        return self.recompute_old_logp and not redundant
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward-pass equivalents over the whole batch per step, for model-FLOP accounting
+        (``2 N`` FLOPs per token each, ``N`` the matmul parameters): 3 per epoch (forward and
+        backward), 1 for the separate old-log-prob forward, 1 for the reference forward (KL), 2
+        per epoch for the improvement signal's surrogates before and after each update."""
+        return (3 * self.epochs + int(self.old_logp_forward) + int(self.kl_coef > 0)
+                + (2 * self.epochs if self.num_tasks > 0 else 0))
 
     def loss_kwargs(self) -> dict:
         kw = dict(
@@ -178,6 +208,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
     match it. ``N`` must divide by ``row_shards * num_minibatches * microbatches``.
     """
     logp_fn = token_logprobs_fn(parts, cfg.logprob_chunk)
+    inline_old = cfg.recompute_old_logp and not cfg.old_logp_forward
     if cfg.row_shards is not None and (isinstance(cfg.row_shards, bool)
                                        or not isinstance(cfg.row_shards, int)
                                        or cfg.row_shards < 1):
@@ -196,8 +227,14 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         return jax.lax.stop_gradient(_unsplit(lp, shards))
 
     def loss_terms(params, mb: TrainBatch, old_logp, ref_logp, den_total, tok_total, ent_coef):
-        """Micro-batch share of the minibatch loss: num_i / den_total - c * entropy_sum_i / tokens."""
+        """Micro-batch share of the minibatch loss: num_i / den_total - c * entropy_sum_i / tokens.
+
+        Also returns ``(sum, count)`` of ``|logp - sampler logp|`` over the loss mask: the
+        sampler-trainer gap of these rows when ``logp`` is at the step's starting parameters.
+        """
         logp, ent = logp_fn(params, mb.tokens, mb.attn_mask)
+        if inline_old:  # the old policy is this pass at the starting parameters
+            old_logp = jax.lax.stop_gradient(logp)
         num, _, aux = core_losses.policy_loss_terms(
             logp,
             old_logp,
@@ -211,7 +248,10 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         )
         ent_sum = jnp.sum(jnp.where(mb.loss_mask, ent, 0.0))
         loss = num / den_total - ent_coef * ent_sum / tok_total
-        return loss, aux
+        diff = jnp.abs(jax.lax.stop_gradient(logp) - mb.old_logp)
+        gap = (jnp.sum(jnp.where(mb.loss_mask, diff, 0.0)),
+               jnp.sum(mb.loss_mask.astype(jnp.float32)))
+        return loss, (aux, gap)
 
     def denominator(mb: TrainBatch):
         """The loss denominator of a whole minibatch; it does not depend on the parameters."""
@@ -243,11 +283,11 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
 
         def accumulate(acc, m):
-            (loss_i, aux), g = grad_fn(params, *m, den, tok, ent_coef)
-            return (jax.tree.map(jnp.add, acc[0], g), acc[1] + loss_i), aux
+            (loss_i, (aux, gap)), g = grad_fn(params, *m, den, tok, ent_coef)
+            return (jax.tree.map(jnp.add, acc[0], g), acc[1] + loss_i), (aux, gap)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), auxs = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
+        (grads, loss), (auxs, gaps) = jax.lax.scan(accumulate, (zeros, jnp.zeros(())), micro)
         gnorm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -256,6 +296,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
         metrics = {f"loss/{k}": v for k, v in core_losses.aux_from_terms(_reduce_terms(auxs)).items()}
         metrics.update({"loss/total": loss, "grad/global_norm": gnorm, "update/skipped": 1.0 - ok})
+        metrics["gap_terms"] = jnp.stack([jnp.sum(gaps[0]), jnp.sum(gaps[1])])
         out = (metrics,)
         if cfg.num_tasks > 0:
             # I_k: change of the task's surrogate objective (minus the loss) across this update,
@@ -276,9 +317,11 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
                 f"{shards}*{cfg.num_minibatches}*{cfg.microbatches}"
             )
         base = jax.random.wrap_key_data(state.rng)
-        trainer_logp = batched_logp(state.params, batch)
-        old_logp = trainer_logp if cfg.recompute_old_logp else batch.old_logp
-        gap = masked_mean(jnp.abs(trainer_logp - batch.old_logp), batch.loss_mask)
+        if cfg.old_logp_forward:
+            old_logp = batched_logp(state.params, batch)
+            gap = masked_mean(jnp.abs(old_logp - batch.old_logp), batch.loss_mask)
+        else:  # the sampler's (recompute off), or a placeholder the loss pass replaces
+            old_logp, gap = batch.old_logp, None
         if cfg.kl_coef and state.ref_params is None:
             raise ValueError("kl_coef > 0 needs a reference policy: build the state with_ref=True")
         ref_logp = batched_logp(state.ref_params, batch) if cfg.kl_coef else jnp.zeros_like(old_logp)
@@ -294,7 +337,10 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, cfg: St
         xs = jax.tree.map(lambda *a: jnp.concatenate(a), *epochs)  # [epochs*num_mb, N/num_mb]
         carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32), state.entropy_coef)
         (params, opt_state, skipped, _), outs = jax.lax.scan(minibatch_update, carry, xs)
+        gap_terms = outs[0].pop("gap_terms")[0]  # the first update: the starting parameters
         metrics = {k: jnp.mean(v) for k, v in outs[0].items()}
+        if gap is None:
+            gap = gap_terms[0] / jnp.maximum(gap_terms[1], 1.0)
         metrics["logp/sampler_trainer_gap"] = gap
         metrics["update/skipped"] = skipped.astype(jnp.float32)
         if cfg.num_tasks > 0:

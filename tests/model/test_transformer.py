@@ -140,7 +140,7 @@ def test_every_parameter_has_logical_axis_names():
 
 
 def test_presets_and_param_counts():
-    assert ModelConfig.bench29m().num_params == 29_368_832
+    assert ModelConfig.bench29m().num_params == 29_377_024
     m = Transformer(ModelConfig.tiny(100), rngs=nnx.Rngs(0))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert n == ModelConfig.tiny(100).num_params and 1_000_000 < n < 4_000_000
