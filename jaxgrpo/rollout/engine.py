@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -341,6 +342,7 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
     ended = np.zeros(n_req, bool)  # EOS or stop sequence within the budget
     next_req = 0
     n_rounds = n_steps = n_prefill = n_prefilled = 0
+    t_round = t_prefill = 0.0
 
     def release_prompt(p):
         nonlocal prompt_used
@@ -382,6 +384,7 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
             next_req += 1
         if not active.any():
             break
+        t0 = time.perf_counter()
         for c in range(0, len(to_prefill), pf):
             chunk = to_prefill[c:c + pf]
             ptok = np.full((pf, tb), pad_id, np.int32)
@@ -395,6 +398,9 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
             pools = _prefill_jit(graphdef, state, pools, ptok, plen, ppages)
             n_prefill += 1
             n_prefilled += len(chunk)
+        if stats is not None and to_prefill:  # time the prefill apart from the round
+            jax.block_until_ready(pools)
+            t_prefill += time.perf_counter() - t0
         for s in np.flatnonzero(active):  # pages for this round's tokens
             p = uid[s]
             last_pos = min(int(pos[s]) + steps - 1, int(lens[p]) - 1 + tn - 1)
@@ -403,6 +409,7 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
                 page_table[s, n_row_pages[s]] = page
                 own_pages[s].append(page)
                 n_row_pages[s] += 1
+        t0 = time.perf_counter()
         refill_at = (sl + 1) if next_req >= n_req else max(1, min(n_req - next_req, sl // 8))
         pools, tok_r, lp_r, count_r, active_r, i_r = _round_jit(
             graphdef, state, pools, page_table, pos, last, active, count, uid, gidx,
@@ -414,6 +421,7 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
                                                                    active_r))
         n_rounds += 1
         n_steps += int(i_r)
+        t_round += time.perf_counter() - t0
         for p in np.flatnonzero((admitted == g_count) & (remaining > 0)):
             lp = int(lens[p]) - 1
             if lp % ps and p not in partial_freed:  # every sample holds its own copy now
@@ -449,7 +457,8 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
     if stats is not None:
         stats.update(rounds=n_rounds, decode_steps=n_steps, prefill_calls=n_prefill,
                      prefilled_prompts=n_prefilled, pool_pages=num_pages, page_size=ps,
-                     max_slots=sl, pages_in_use_at_end=num_pages - 1 - len(free_pages))
+                     max_slots=sl, pages_in_use_at_end=num_pages - 1 - len(free_pages),
+                     round_seconds=t_round, prefill_seconds=t_prefill)
     out_mask = np.arange(tn)[None, :] < out_len[:, None]
     # device_put, not jnp.asarray: the latter compiles a staging program per new shape.
     return jax.device_put(Rollout(

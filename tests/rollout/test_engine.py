@@ -276,7 +276,7 @@ def test_bad_paged_options():
 @pytest.mark.parametrize("override,match", [
     ({"engine": "vllm"}, "'rollout.engine' must be one of 'static', 'paged', got 'vllm'"),
     ({"max_slots": 0}, "'rollout.max_slots' must be a positive int, got 0"),
-    ({"steps_per_sync": 1.5}, "'rollout.steps_per_sync' must be a positive int"),
+    ({"steps_per_sync": 1.5}, "'rollout.steps_per_sync' must be an int, got 1.5"),
     ({"page_size": -4}, "'rollout.page_size' must be a positive int"),
 ])
 def test_rollout_engine_config_errors_are_one_line(override, match):
