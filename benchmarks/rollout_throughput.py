@@ -2,6 +2,13 @@
 
 Usage (from the repository root):
     PYTHONPATH=$PWD python benchmarks/rollout_throughput.py [--batches 1 16 256] [--repeats 3]
+    PYTHONPATH=$PWD python benchmarks/rollout_throughput.py --engines [--requests 256 ...]
+
+``--engines`` compares the static sampler with the paged engine instead (one run, JSON):
+completion lengths made geometric (mean ``--mean-len``) by an EOS logit bias, useful tokens/s at
+budget ``--budget`` for both engines, the paged engine's tokens/s at budgets ``--budget-small``
+and ``--budget-large``, and the KV memory of ``--mem-prompts`` x G ``--mem-group`` rows
+(prompt ``--mem-prompt``, budget ``--mem-budget``) from the compiled programs' memory analysis.
 
 Prints one JSON object. Every throughput is reported with its achieved model FLOP/s as a fraction
 of the float32 matmul peak (2048^3 jitted matmul, median) measured in the same run, because
@@ -13,6 +20,8 @@ causally; training (forward + backward) counts 3x the forward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -23,7 +32,9 @@ import numpy as np
 from flax import nnx
 
 from jaxgrpo.model import ModelConfig, Transformer
-from jaxgrpo.rollout import generate_functional
+from jaxgrpo.rollout import PagedOptions, generate_functional
+from jaxgrpo.rollout import engine as engine_lib
+from jaxgrpo.rollout import sampler as sampler_lib
 
 
 def _median_time(fn, repeats):
@@ -124,16 +135,171 @@ def bench_train(model, batch, seq_len, repeats, peak):
             "flops_fraction_of_peak": flops / t / peak}
 
 
+# ---- static sampler vs paged engine ------------------------------------------------------------
+
+EOS = 1  # the benchmark's EOS token id
+
+
+def eos_bias_for_mean(model, tokens, mean_len):
+    """The EOS logit bias that makes the per-token EOS probability ``1 / mean_len`` at the
+    prompts' last position (odds scale by ``exp(bias)``): geometric lengths of that mean."""
+    logits = np.asarray(model(jnp.asarray(tokens))[:, -1], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    p = float(np.exp(logp[:, EOS]).mean())
+    q = 1.0 / mean_len
+    return float(np.log(q / (1 - q)) - np.log(p / (1 - p)))
+
+
+def run_engine(graphdef, state, tokens, key, *, engine, group, budget, bias, paged,
+               repeats):
+    """Useful tokens/s (completion tokens up to EOS) of one engine; warm-up compiles with a
+    bias that ends every row at once (the bias is a traced value: same programs)."""
+    mask = np.ones_like(tokens, bool)
+    kw = dict(num_samples=group, max_new_tokens=budget, eos_ids=(EOS,), engine=engine,
+              paged=paged, buckets=(tokens.shape[1],))
+    jax.block_until_ready(generate_functional(graphdef, state, tokens, mask, key,
+                                              eos_logit_bias=100.0, **kw).tokens)
+    times, useful, stats = [], [], {}
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        if engine == "paged":
+            graph_kw = dict(kw)
+            del graph_kw["engine"], graph_kw["paged"]
+            out = engine_lib.generate_paged(
+                graphdef, state, tokens, mask, jax.random.fold_in(key, r), options=paged,
+                temperature=1.0, top_k=0, top_p=1.0, stop_sequences=(), greedy=False, pad_id=0,
+                eos_logit_bias=bias, stats=stats, **graph_kw)
+        else:
+            out = generate_functional(graphdef, state, tokens, mask, jax.random.fold_in(key, r),
+                                      eos_logit_bias=bias, **kw)
+        lengths = np.asarray(out.lengths)
+        times.append(time.perf_counter() - t0)
+        useful.append(int(lengths.sum()))
+    t = statistics.median(times)
+    res = {"engine": engine, "budget": budget, "requests": int(tokens.shape[0] * group),
+           "useful_tokens": useful, "seconds": times,
+           "useful_tokens_per_s": float(np.median(np.array(useful) / np.array(times))),
+           "mean_length": float(np.mean(useful)) / (tokens.shape[0] * group),
+           "median_seconds": t}
+    if engine == "paged":
+        res["paged"] = dataclasses.asdict(paged)
+        res["stats_last_run"] = stats
+    return res
+
+
+def kv_memory(cfg, graphdef, state, *, prompts, group, prompt_len, budget, slots):
+    """Compiled memory analysis of the static program and of the paged round program."""
+    sds = jax.ShapeDtypeStruct
+    st = jax.tree.map(lambda a: sds(a.shape, a.dtype), state)
+    eos = sds((4,), jnp.int32)
+    static = sampler_lib._generate_jit.lower(
+        graphdef, st, sds((prompts, prompt_len), jnp.int32), sds((prompts, prompt_len), bool),
+        jax.random.key(0), sds((), jnp.float32), eos, num_samples=group,
+        max_new_tokens=budget, top_k=0, top_p=1.0, stop_sequences=(), greedy=False,
+        pad_id=0, eos_bias=sds((), jnp.float32)).compile().memory_analysis()
+    n = prompts * group
+    itemsize = 4
+    static_kv = 2 * cfg.num_layers * n * cfg.num_kv_heads * (prompt_len + budget) \
+        * cfg.head_dim * itemsize
+    out = {"prompts": prompts, "group": group, "prompt": prompt_len, "budget": budget,
+           "static": {"temp_bytes": static.temp_size_in_bytes,
+                      "argument_bytes": static.argument_size_in_bytes,
+                      "output_bytes": static.output_size_in_bytes, "kv_cache_bytes": static_kv}}
+    for sl in slots:
+        opts = PagedOptions(max_slots=sl)
+        pages = engine_lib.pool_pages(opts, num_samples=group, prompt_bucket=prompt_len,
+                                      max_new_tokens=budget)
+        width = -(-(prompt_len + budget) // opts.page_size)
+        pool = sds((pages, opts.page_size, 2 * cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+        i32 = lambda *shape: sds(shape, jnp.int32)  # noqa: E731
+        rnd = engine_lib._round_jit.lower(
+            graphdef, st, [pool] * cfg.num_layers, i32(sl, width), i32(sl), i32(sl),
+            sds((sl,), bool), i32(sl), i32(sl), i32(sl), i32(sl), i32(sl), jax.random.key(0),
+            i32(), sds((), jnp.float32), eos, sds((), jnp.float32), steps=opts.steps_per_sync,
+            max_new_tokens=budget, top_k=0, top_p=1.0, greedy=False,
+            pages_per_block=opts.pages_per_block).compile().memory_analysis()
+        kv = engine_lib.kv_bytes(opts, cfg, num_samples=group, prompt_bucket=prompt_len,
+                                 max_new_tokens=budget)
+        out[f"paged_{sl}_slots"] = {
+            "temp_bytes": rnd.temp_size_in_bytes, "argument_bytes": rnd.argument_size_in_bytes,
+            "output_bytes": rnd.output_size_in_bytes, "alias_bytes": rnd.alias_size_in_bytes,
+            "kv_pool_bytes": kv, "pool_pages": pages,
+            "kv_ratio_vs_static_cache": kv / static_kv,
+            # The static program holds its cache in temporaries, the round program's pools are
+            # donated arguments: compare the program totals.
+            "total_ratio_vs_static": (rnd.temp_size_in_bytes + rnd.argument_size_in_bytes)
+            / (static.temp_size_in_bytes + static.argument_size_in_bytes)}
+    return out
+
+
+def engines_main(args):
+    cfg = ModelConfig.bench29m()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    prompts = args.requests // args.group
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (prompts, args.prompt), 2,
+                                           cfg.vocab_size, jnp.int32))
+    bias = eos_bias_for_mean(model, tokens, args.mean_len)
+    paged = PagedOptions(max_slots=args.slots, steps_per_sync=args.steps_per_sync)
+    key = jax.random.key(4)
+    out = {"config": "ModelConfig.bench29m()", "params": cfg.num_params, "dtype": "float32",
+           "devices": str(jax.devices()), "eos_logit_bias": bias,
+           "length_distribution": f"geometric, mean {args.mean_len} (EOS logit bias)",
+           "prompt": args.prompt, "group": args.group}
+    run = functools.partial(run_engine, graphdef, state, tokens, key, group=args.group,
+                            bias=bias, repeats=args.repeats)
+    static = run(engine="static", budget=args.budget, paged=None)
+    print(json.dumps({"progress": "static", **static}), flush=True)
+    pg = run(engine="paged", budget=args.budget, paged=paged)
+    print(json.dumps({"progress": "paged", **pg}), flush=True)
+    out["spread"] = {"static": static, "paged": pg,
+                     "paged_over_static_tokens_per_s":
+                         pg["useful_tokens_per_s"] / static["useful_tokens_per_s"]}
+    small = run(engine="paged", budget=args.budget_small, paged=paged)
+    large = run(engine="paged", budget=args.budget_large, paged=paged)
+    out["budget_independence"] = {
+        "small": small, "large": large,
+        "large_over_small_tokens_per_s":
+            large["useful_tokens_per_s"] / small["useful_tokens_per_s"]}
+    print(json.dumps({"progress": "budgets", **out["budget_independence"]}), flush=True)
+    if not args.skip_memory:
+        out["kv_memory"] = kv_memory(cfg, graphdef, state, prompts=args.mem_prompts,
+                                     group=args.mem_group, prompt_len=args.mem_prompt,
+                                     budget=args.mem_budget,
+                                     slots=(args.mem_prompts * args.mem_group, args.slots))
+    print(json.dumps(out, indent=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("--engines", action="store_true",
+                    help="compare the static sampler with the paged engine instead")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--mean-len", type=float, default=64.0)
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--budget-small", type=int, default=128)
+    ap.add_argument("--budget-large", type=int, default=1024)
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--steps-per-sync", type=int, default=32)
+    ap.add_argument("--mem-prompts", type=int, default=16)
+    ap.add_argument("--mem-group", type=int, default=64)
+    ap.add_argument("--mem-prompt", type=int, default=512)
+    ap.add_argument("--mem-budget", type=int, default=512)
+    ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--train-seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)  # --engines: use 1 (slow runs)
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
+    if args.engines:
+        if args.requests % args.group:
+            ap.error(f"--requests ({args.requests}) must be a multiple of --group ({args.group})")
+        return engines_main(args)
 
     cfg = ModelConfig.bench29m()
     model = Transformer(cfg, rngs=nnx.Rngs(0))

@@ -94,6 +94,13 @@ class Attention(enum.StrEnum):
     SPLASH = "splash"  # the Pallas TPU kernel
 
 
+class RolloutEngine(enum.StrEnum):
+    """Rollout engine (``jaxgrpo.rollout``)."""
+
+    STATIC = "static"  # one batch of P*G rows over a preallocated cache
+    PAGED = "paged"  # paged KV cache, ragged attention, continuous batching (one device)
+
+
 class Remat(enum.StrEnum):
     """Rematerialisation of the decoder blocks in the backward pass."""
 
@@ -246,9 +253,17 @@ class RolloutConfig:
     # Prompts per sampler call (null: a whole round at once). A round of more prompts is rolled
     # out in several calls, which bounds the KV cache (decode memory) at the cost of more calls.
     max_prompts_per_call: int | None = None
+    engine: RolloutEngine = RolloutEngine.STATIC
+    max_slots: int = 64  # paged engine: sequences decoded at once
+    steps_per_sync: int = 32  # paged engine: decode steps per host round trip
+    page_size: int = 16  # paged engine: tokens per KV page
 
     def __post_init__(self):
         _positive("rollout.group_size", self.group_size)
+        for key in ("max_slots", "steps_per_sync", "page_size"):
+            v = getattr(self, key)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"rollout.{key}",
+                  "a positive int", v)
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _nonneg("rollout.temperature", self.temperature)
         _nonneg("rollout.top_k", self.top_k)

@@ -95,15 +95,15 @@ class Block(nnx.Module):
         self.gate_up_weight = _param(rngs, (d, 2, f), ("embed", None, "mlp"), cfg)
         self.down_weight = _param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-    def __call__(self, x_BxTxD, positions_BxT, inv_freq, kv, write_index, key_valid_BxS):
-        """One block. ``kv`` is ``None`` (keys are this call's tokens) or ``(k, v)`` caches
-        ``[B, Hkv, S, Dh]`` into which this call's keys are written at slot ``write_index``.
+    def qkv(self, x_BxTxD, positions_BxT, inv_freq, cache_shape=None):
+        """The attention inputs of ``x``: queries ``[B, T, H, Dh]`` and keys, values
+        ``[B, Hkv, T, Dh]`` (RoPE applied to queries and keys), in the compute dtype.
 
-        Returns the new activations and the (updated) ``(k, v)`` of this layer.
+        ``cache_shape`` (the ``[B, Hkv, S, Dh]`` shape of a KV cache being decoded against)
+        pins the queries' sharding to that cache's (``constrain_cached_query``).
         """
         cfg = self.cfg
         dt = _dtype(cfg.dtype)
-        b, t, _ = x_BxTxD.shape
         y = rms_norm(x_BxTxD, self.attn_norm[...], cfg.rms_norm_eps, dt)
         q = jnp.einsum("btd,dnh->btnh", y, self.q_weight[...].astype(dt))
         kvp = jnp.einsum("btd,dcnh->btcnh", y, self.kv_weight[...].astype(dt))
@@ -111,8 +111,8 @@ class Block(nnx.Module):
             q = q + self.q_bias[...].astype(dt)[None, None]
             kvp = kvp + self.kv_bias[...].astype(dt)[None, None]
         kk, v = kvp[:, :, 0], kvp[:, :, 1]
-        if kv is not None:  # decoding against a cache whose slots may be split over tensor
-            q = constrain_cached_query(q, kv[0].shape)
+        if cache_shape is not None:  # decoding against a cache whose slots may be split
+            q = constrain_cached_query(q, cache_shape)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps, dt)
             kk = rms_norm(kk, self.k_norm[...], cfg.rms_norm_eps, dt)
@@ -121,6 +121,28 @@ class Block(nnx.Module):
         # decode-time attention a plain batched matmul.
         kk = jnp.transpose(apply_rope(kk, positions_BxT, inv_freq), (0, 2, 1, 3))
         v = jnp.transpose(v, (0, 2, 1, 3))
+        return q, kk, v
+
+    def out(self, x_BxTxD, att_BxTxHxDh):
+        """The rest of the block after attention: ``x + o_proj(att)``, then the SwiGLU MLP."""
+        cfg = self.cfg
+        dt = _dtype(cfg.dtype)
+        x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", att_BxTxHxDh,
+                                       self.o_weight[...].astype(dt))
+        y = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps, dt)
+        gu = jnp.einsum("btd,dcf->btcf", y, self.gate_up_weight[...].astype(dt))
+        act = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        return x_BxTxD + jnp.einsum("btf,fd->btd", act, self.down_weight[...].astype(dt))
+
+    def __call__(self, x_BxTxD, positions_BxT, inv_freq, kv, write_index, key_valid_BxS):
+        """One block. ``kv`` is ``None`` (keys are this call's tokens) or ``(k, v)`` caches
+        ``[B, Hkv, S, Dh]`` into which this call's keys are written at slot ``write_index``.
+
+        Returns the new activations and the (updated) ``(k, v)`` of this layer.
+        """
+        cfg = self.cfg
+        q, kk, v = self.qkv(x_BxTxD, positions_BxT, inv_freq,
+                            None if kv is None else kv[0].shape)
         if kv is None:
             k_all, v_all = kk, v
         else:
@@ -132,12 +154,7 @@ class Block(nnx.Module):
         impl = cfg.attention if kv is None else "plain"  # decode: a few queries vs the cache
         att = attention(q, k_all, v_all, key_valid_BxS, q_offset=0 if kv is None else write_index,
                         impl=impl, block_size=cfg.attention_block)
-        x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", att, self.o_weight[...].astype(dt))
-        y = rms_norm(x_BxTxD, self.mlp_norm[...], cfg.rms_norm_eps, dt)
-        gu = jnp.einsum("btd,dcf->btcf", y, self.gate_up_weight[...].astype(dt))
-        act = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
-        x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", act, self.down_weight[...].astype(dt))
-        return x_BxTxD, (k_all, v_all)
+        return self.out(x_BxTxD, att), (k_all, v_all)
 
 
 def _block_forward(layer: Block, x_BxTxD, positions_BxT, inv_freq, mask_BxT):

@@ -1,11 +1,14 @@
-"""Rollout: the jitted KV-cache sampler."""
+"""Rollout: the jitted KV-cache sampler and the paged engine."""
 
+from jaxgrpo.rollout.engine import PagedOptions
 from jaxgrpo.rollout.sampler import (
     DEFAULT_BUCKETS,
+    ENGINES,
     Rollout,
     bucket_length,
     generate,
     generate_functional,
 )
 
-__all__ = ["DEFAULT_BUCKETS", "Rollout", "bucket_length", "generate", "generate_functional"]
+__all__ = ["DEFAULT_BUCKETS", "ENGINES", "PagedOptions", "Rollout", "bucket_length", "generate",
+           "generate_functional"]

@@ -31,6 +31,7 @@ from flax import nnx
 from jaxgrpo.sharding import constrain_kv_cache
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+ENGINES = ("static", "paged")  # the static batch below; the paged engine (rollout.engine)
 
 
 @jax.tree_util.register_dataclass
@@ -134,13 +135,19 @@ _STATIC = ("graphdef", "num_samples", "max_new_tokens", "top_k", "top_p", "stop_
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_jit(graphdef, state, tokens_PxT, mask_PxT, key, temperature, eos_E, *,
-                  num_samples, max_new_tokens, top_k, top_p, stop_sequences, greedy, pad_id):
+                  num_samples, max_new_tokens, top_k, top_p, stop_sequences, greedy, pad_id,
+                  eos_bias=0.0):
     model = nnx.merge(graphdef, state)
     p, tp = tokens_PxT.shape
     g, tn = num_samples, max_new_tokens
     n, s = p * g, tp + max_new_tokens
-    sample = functools.partial(_sample, greedy=greedy, temperature=temperature, top_k=top_k,
-                               top_p=top_p)
+    is_eos_1xV = jnp.any(jnp.arange(model.cfg.vocab_size)[None, :] == eos_E[:, None], axis=0,
+                         keepdims=True)
+
+    def sample(logits_NxV, key):
+        logits_NxV = logits_NxV + eos_bias * is_eos_1xV.astype(jnp.float32)
+        return _sample(logits_NxV, key, greedy=greedy, temperature=temperature, top_k=top_k,
+                       top_p=top_p)
 
     positions_PxT = jnp.maximum(jnp.cumsum(mask_PxT.astype(jnp.int32), axis=1) - 1, 0)
     key_valid_PxS = jnp.concatenate([mask_PxT, jnp.zeros((p, tn), bool)], axis=1)
@@ -221,7 +228,9 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
                         max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                         top_p: float = 1.0, eos_ids=(), stop_sequences=(), greedy: bool = False,
                         pad_id: int = 0, buckets=DEFAULT_BUCKETS,
-                        row_sharding: jax.sharding.NamedSharding | None = None) -> Rollout:
+                        row_sharding: jax.sharding.NamedSharding | None = None,
+                        engine: str = "static", paged=None,
+                        eos_logit_bias: float = 0.0) -> Rollout:
     """``generate`` for a model held as ``(graphdef, state)`` from ``nnx.split`` (the trainer's
     form). Arguments as in ``generate``, plus:
 
@@ -231,7 +240,26 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
             process's* rows (host arrays, the same ``Tp`` on every process); the global batch
             is assembled with ``jax.make_array_from_process_local_data`` and every array of the
             returned ``Rollout`` is a global array with its rows split the same way.
+            The static engine only.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not isinstance(eos_logit_bias, (int, float)) or not np.isfinite(eos_logit_bias):
+        raise ValueError(f"eos_logit_bias must be a finite number, got {eos_logit_bias!r}")
+    if engine == "paged":
+        from jaxgrpo.rollout.engine import PagedOptions
+
+        if paged is None:
+            paged = PagedOptions()
+        elif not isinstance(paged, PagedOptions):
+            raise TypeError(f"paged must be a PagedOptions, got {type(paged).__name__}")
+        if row_sharding is not None or (isinstance(prompt_tokens, jax.Array) and isinstance(
+                getattr(prompt_tokens, "sharding", None), jax.sharding.NamedSharding)):
+            raise ValueError("engine 'paged' runs on one device: pass host prompts and no "
+                             "row_sharding (use engine 'static' on a mesh)")
+        if isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_mask, jax.core.Tracer):
+            raise ValueError("engine 'paged' schedules on the host: prompts must be concrete "
+                             "arrays, not traced values")
     vocab_size = int(jax.tree.leaves(state["embedding"])[0].shape[0])
     process_local = row_sharding is not None
     if process_local:
@@ -278,6 +306,15 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
                              "(the last column must be True for every row)")
         if (np.diff(m.astype(np.int8), axis=1) < 0).any():
             raise ValueError("prompt_mask: prompts must be left-padded (padding only on the left)")
+    if engine == "paged":
+        from jaxgrpo.rollout.engine import generate_paged
+
+        return generate_paged(
+            graphdef, state, prompt_tokens, prompt_mask, key, num_samples=num_samples,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=int(top_k),
+            top_p=float(top_p), eos_ids=eos_ids, stop_sequences=stop_sequences,
+            greedy=bool(greedy), pad_id=int(pad_id), buckets=buckets, options=paged,
+            eos_logit_bias=float(eos_logit_bias))
     p, t = prompt_tokens.shape
     tb = bucket_length(t, buckets)
     # Pad on the host when the prompts are concrete: eager jnp ops would compile per shape.
@@ -301,7 +338,7 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
         np.float32(1.0 if greedy else temperature), eos_E,
         num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=int(top_k),
         top_p=float(top_p), stop_sequences=stop_sequences, greedy=bool(greedy),
-        pad_id=int(pad_id))
+        pad_id=int(pad_id), eos_bias=np.float32(eos_logit_bias))
     if process_local:
         rows = row_sharding.spec[0] if len(row_sharding.spec) else None
         out = jax.tree.map(lambda a: jax.device_put(a, jax.sharding.NamedSharding(
@@ -312,7 +349,8 @@ def generate_functional(graphdef, state, prompt_tokens, prompt_mask, key, *, num
 def generate(model, prompt_tokens, prompt_mask, key, *, num_samples: int = 1,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids=(), stop_sequences=(), greedy: bool = False, pad_id: int = 0,
-             buckets=DEFAULT_BUCKETS) -> Rollout:
+             buckets=DEFAULT_BUCKETS, engine: str = "static", paged=None,
+             eos_logit_bias: float = 0.0) -> Rollout:
     """Sample ``num_samples`` completions per prompt with a jitted KV-cache decode loop.
 
     Args:
@@ -330,6 +368,13 @@ def generate(model, prompt_tokens, prompt_mask, key, *, num_samples: int = 1,
         greedy: argmax decoding; temperature, top-k and top-p are ignored.
         pad_id: token written after a completion ends, and used to pad the prompt bucket.
         buckets: prompt lengths are left-padded up to the next bucket.
+        engine: "static" (this module: one batch of ``P*G`` rows over a preallocated cache) or
+            "paged" (``jaxgrpo.rollout.engine``: paged KV cache, continuous batching).
+        paged: a ``jaxgrpo.rollout.engine.PagedOptions`` (slots, steps per sync, page size)
+            for the paged engine; None: the defaults.
+        eos_logit_bias: added to the logits of every ``eos_ids`` token before sampling (and
+            part of the returned log-probs); 0 = off. Benchmarks use it to set completion
+            lengths.
 
     Returns:
         A ``Rollout`` with ``[P, G, Tn]`` tokens, log-probs and mask, ``[P, G]`` lengths and
@@ -340,4 +385,4 @@ def generate(model, prompt_tokens, prompt_mask, key, *, num_samples: int = 1,
         graphdef, state, prompt_tokens, prompt_mask, key, num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_ids=eos_ids, stop_sequences=stop_sequences, greedy=greedy, pad_id=pad_id,
-        buckets=buckets)
+        buckets=buckets, engine=engine, paged=paged, eos_logit_bias=eos_logit_bias)

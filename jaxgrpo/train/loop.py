@@ -62,6 +62,7 @@ from jaxgrpo.core import advantages as core_adv
 from jaxgrpo.core import modes
 from jaxgrpo.data import Group, RatioPreservingSampler, TaskSampler
 from jaxgrpo.rollout import generate_functional
+from jaxgrpo.rollout.engine import PagedOptions
 from jaxgrpo.tasks import MIXTURES, get_task, score_many
 from jaxgrpo.tasks.structured import StructuredTask
 from jaxgrpo.train import batch as batch_lib
@@ -89,6 +90,7 @@ class Policy:
     matmul_params: int = 0  # for model-FLOP accounting
     mesh: object = None  # the device mesh (None: the default device, no sharding)
     rollout_shardings: object = None  # params in the rollout layout, when it differs
+    paged: object = None  # PagedOptions: roll out with the paged engine (one device)
 
     def generator(self, *, num_samples, max_new_tokens, temperature, top_k, top_p, buckets,
                   local: bool = False):
@@ -104,6 +106,10 @@ class Policy:
                 temperature=temperature, top_k=top_k, top_p=top_p,
                 eos_ids=self.eos_ids, pad_id=self.pad_id, buckets=buckets,
             )
+            if self.paged is not None:  # one device, host prompts and results
+                return jax.tree.map(np.asarray, generate_functional(
+                    self.graphdef, state, np.asarray(prompt_tokens), np.asarray(prompt_mask),
+                    key, engine="paged", paged=self.paged, **kw))
             if self.mesh is None:
                 return generate_functional(self.graphdef, state, prompt_tokens, prompt_mask,
                                            key, **kw)
@@ -328,6 +334,7 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
     """With a ``mesh`` the parameters are created in the training layout and rollouts run there
     (resharded to the rollout layout); without one, everything is on the default device."""
     names, tasks, ratios = resolve_tasks(cfg)  # an unknown task fails before anything is written
+    paged = paged_options(cfg.rollout, mesh)
     metrics_lib.set_phase(stream, "loading the model and tokenizer")
     workdir = paths.as_path(cfg.train.workdir)  # keeps gs:// (pathlib would not)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -340,10 +347,21 @@ def setup(cfg: ExperimentConfig, *, stream=sys.stderr, mesh=None) -> Setup:
     rollout_sh = None if mesh is None else rollout_param_shardings(params, mesh)
     policy = Policy(parts, nnx.graphdef(model), tokenizer, pad_id, eos_ids,
                     matmul_params=int(model.cfg.matmul_params), mesh=mesh,
-                    rollout_shardings=rollout_sh)
+                    rollout_shardings=rollout_sh, paged=paged)
     eval_key = rng_lib.eval_key(rng_lib.base_key(cfg.train.seed))
     return Setup(workdir, names, tasks, ratios, policy, params, eval_sets(tasks, cfg), eval_key, log,
                  stream)
+
+
+def paged_options(rc, mesh):
+    """``PagedOptions`` from ``rollout`` when ``rollout.engine`` is paged, else None."""
+    if rc.engine != "paged":
+        return None
+    if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
+        raise ValueError("rollout.engine 'paged' runs on one device: set rollout.engine=static "
+                         "or mesh.devices=1")
+    return PagedOptions(max_slots=rc.max_slots, steps_per_sync=rc.steps_per_sync,
+                        page_size=rc.page_size)
 
 
 def rollout_param_shardings(params, mesh):

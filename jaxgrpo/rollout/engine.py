@@ -1,0 +1,484 @@
+"""Paged rollout engine: a paged KV cache, ragged attention and continuous batching.
+
+The engine decodes ``N = P*G`` requests (prompt ``p``, sample ``g``; row ``n = p*G + g``) in a
+fixed number of decode *slots* (``PagedOptions.max_slots``). Each device call (a *round*) runs
+up to ``steps_per_sync`` decode steps of every live slot in a ``lax.while_loop``; between rounds
+the host frees the slots and pages of finished requests and admits waiting requests into free
+slots, so a short completion does not wait for the longest one and idle rows do not step.
+
+KV cache: one page pool per layer, ``[num_pages, page_size, 2*Hkv, Dh]`` with the keys of KV
+head ``j`` at index ``2j`` and its values at ``2j + 1`` (the layout of the TPU
+``ragged_paged_attention`` kernel), and a page table ``[max_slots, pages_per_seq]`` per slot.
+Page 0 is a scratch page that absorbs the writes of padded tokens and idle slots and is never
+read unmasked. A prompt is prefilled once (its first ``Lp - 1`` tokens, into pages of its own);
+the G samples share its full pages read-only, each gets a private copy of the last partial
+prompt page (copy-on-write), and each decodes the prompt's last token itself as its first step.
+Sample pages are allocated round by round as sequences grow and freed when they end; a prompt's
+pages are freed when its last sample ends. The pool holds ``ceil(Tn / page_size) + 1`` pages
+per slot plus the pages of ``min(max_slots, ceil(max_slots / G) + 2)`` live prompts, so the
+memory follows the slot count, not ``P * G``.
+
+Attention: ``paged_decode_attention`` loops over blocks of ``pages_per_block`` pages with a
+dynamic trip count, the longest filled length among the live slots, so a step costs what the
+filled pages need, not the budget. Prompt prefill uses the model's own cache-free attention.
+
+Randomness: the token at completion position ``i`` of request ``(p, g)`` is drawn with the key
+``fold_in(fold_in(fold_in(key, p), g), i)``, so the tokens do not depend on the slot count, the
+order of admission or the other requests. (The static sampler in ``jaxgrpo.rollout.sampler``
+draws one key per step for the whole batch, so sampled, non-greedy, tokens differ between the
+two engines; greedy tokens and the meaning of the log-probs are the same.)
+
+Compilation: three programs (prefill, round, pool allocation) whose shapes depend on the slot
+count, the page size, the prompt bucket and the budget only, never on the request mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgrpo.model.transformer import rms_norm
+from jaxgrpo.rollout.sampler import Rollout, _sample, bucket_length
+
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedOptions:
+    """Knobs of the paged engine.
+
+    Attributes:
+        max_slots: decode slots (sequences decoded at once).
+        steps_per_sync: decode steps per device call (host round trip).
+        page_size: tokens per KV page.
+        pages_per_block: pages per attention block (the unit of the ragged loop).
+        prefill_batch: prompts per prefill call (0: ``min(16, ceil(max_slots / G))``).
+    """
+
+    max_slots: int = 64
+    steps_per_sync: int = 32
+    page_size: int = 16
+    pages_per_block: int = 8
+    prefill_batch: int = 0
+
+    def __post_init__(self):
+        for name in ("max_slots", "steps_per_sync", "page_size", "pages_per_block"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"PagedOptions.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.prefill_batch, int) or self.prefill_batch < 0:
+            raise ValueError(f"PagedOptions.prefill_batch must be an int >= 0, got "
+                             f"{self.prefill_batch!r}")
+
+
+def _dtype(cfg):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+# ---- ragged attention over pages ---------------------------------------------------------------
+
+
+def paged_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *,
+                           pages_per_block: int = 8):
+    """One query per sequence against its paged keys and values.
+
+    ``out[s, n] = sum_t softmax_t(<q[s, n], k[s, t]> / sqrt(Dh)) v[s, t]`` over the
+    ``lengths[s]`` first tokens of sequence ``s``, where token ``t`` lives in page
+    ``page_table[s, t // page_size]`` at offset ``t % page_size``; query head ``n`` reads KV
+    head ``n // (H / Hkv)``. A sequence with length 0 gives exactly 0.
+
+    The keys are visited in blocks of ``pages_per_block`` pages, online softmax in float32, for
+    ``ceil(max(lengths) / block)`` blocks (a dynamic trip count): the cost follows the longest
+    filled length, not the page-table width.
+
+    Args:
+        q_SxHxDh: queries ``[S, H, Dh]`` (after RoPE).
+        kv_pool: ``[num_pages, page_size, 2*Hkv, Dh]``, keys at even, values at odd heads.
+        page_table_SxM: int32 ``[S, M]`` page ids.
+        lengths_S: int32 ``[S]`` filled tokens of each sequence (<= ``M * page_size``).
+        pages_per_block: pages per block.
+
+    Returns:
+        ``[S, H, Dh]`` in ``q``'s dtype.
+    """
+    q_SxHxDh, kv_pool = jnp.asarray(q_SxHxDh), jnp.asarray(kv_pool)
+    page_table_SxM, lengths_S = jnp.asarray(page_table_SxM), jnp.asarray(lengths_S)
+    s, h, dh = q_SxHxDh.shape
+    ps, kh2 = kv_pool.shape[1], kv_pool.shape[2]
+    kh = kh2 // 2
+    r = h // kh
+    dt = q_SxHxDh.dtype
+    m = page_table_SxM.shape[1]
+    bp = min(pages_per_block, m)
+    nb = -(-m // bp)
+    if nb * bp != m:
+        page_table_SxM = jnp.pad(page_table_SxM, ((0, 0), (0, nb * bp - m)))
+    bt = bp * ps
+    qg = q_SxHxDh.reshape(s, kh, r, dh)
+    n_blocks = jnp.clip((jnp.max(lengths_S) + bt - 1) // bt, 0, nb)
+
+    def body(j, carry):
+        mx, den, acc = carry
+        ids_SxBp = jax.lax.dynamic_slice_in_dim(page_table_SxM, j * bp, bp, axis=1)
+        kv = kv_pool[ids_SxBp].reshape(s, bt, kh, 2, dh).astype(dt)
+        sc = jnp.einsum("skrd,stkd->skrt", qg, kv[:, :, :, 0],
+                        preferred_element_type=jnp.float32) * (dh ** -0.5)
+        valid_SxT = (j * bt + jnp.arange(bt))[None, :] < lengths_S[:, None]
+        allowed = valid_SxT[:, None, None, :]
+        sc = jnp.where(allowed, sc, _NEG)
+        m_new = jnp.maximum(mx, jnp.max(sc, axis=-1))
+        p = jnp.where(allowed, jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(mx - m_new)
+        den = corr * den + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("skrt,stkd->skrd", p.astype(dt), kv[:, :, :, 1],
+                        preferred_element_type=jnp.float32)
+        return m_new, den, corr[..., None] * acc + pv
+
+    init = (jnp.full((s, kh, r), _NEG, jnp.float32), jnp.zeros((s, kh, r), jnp.float32),
+            jnp.zeros((s, kh, r, dh), jnp.float32))
+    _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.where(den > 0, den, 1.0)[..., None]
+    return out.reshape(s, h, dh).astype(dt)
+
+
+def _interleave_kv(k_BxKxTxDh, v_BxKxTxDh):
+    """``[B, T, 2*Hkv, Dh]`` with keys of head j at 2j and values at 2j + 1."""
+    b, kh, t, dh = k_BxKxTxDh.shape
+    kv = jnp.stack([k_BxKxTxDh, v_BxKxTxDh], axis=2)  # [B, Hkv, 2, T, Dh]
+    return jnp.transpose(kv, (0, 3, 1, 2, 4)).reshape(b, t, 2 * kh, dh)
+
+
+# ---- device programs ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers", "shape", "dtype"))
+def _init_pools(*, num_layers, shape, dtype):
+    return [jnp.zeros(shape, dtype) for _ in range(num_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pools",))
+def _prefill_jit(graphdef, state, pools, tokens_BxT, lens_B, pages_BxM):
+    """Writes the keys and values of ``tokens[b, :lens[b]]`` (right-padded, positions 0..)
+    into the pages ``pages[b]``; padded tokens go to the scratch page 0."""
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    b, t = tokens_BxT.shape
+    ps = pools[0].shape[1]
+    t_T = jnp.arange(t)
+    positions_BxT = jnp.broadcast_to(t_T[None], (b, t))
+    valid_BxT = t_T[None, :] < lens_B[:, None]
+    page_BxT = jnp.where(valid_BxT, pages_BxM[:, t_T // ps], 0)
+    off_BxT = jnp.broadcast_to(t_T % ps, (b, t))
+    x = model.embedding[...][tokens_BxT].astype(_dtype(cfg))
+    inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
+    new_pools = []
+    for layer, pool in zip(model.layers, pools, strict=True):
+        x, (k, v) = layer(x, positions_BxT, inv_freq, None, 0, valid_BxT)
+        new_pools.append(pool.at[page_BxT, off_BxT].set(_interleave_kv(k, v).astype(pool.dtype)))
+    return new_pools
+
+
+_ROUND_STATIC = ("graphdef", "steps", "max_new_tokens", "top_k", "top_p", "greedy",
+                 "pages_per_block")
+
+
+@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("pools",))
+def _round_jit(graphdef, state, pools, page_table_SxM, pos_S, last_S, active_S, count_S, uid_S,
+               gidx_S, copy_src_S, copy_dst_S, key, refill_at, temperature, eos_E, eos_bias, *,
+               steps, max_new_tokens, top_k, top_p, greedy, pages_per_block):
+    """Up to ``steps`` decode steps of every active slot.
+
+    Slot ``s`` holds ``pos[s]`` tokens in its pages and feeds ``last[s]`` at position ``pos[s]``;
+    it has emitted ``count[s]`` completion tokens. First the pages ``copy_src`` are copied onto
+    ``copy_dst`` (the copy-on-write of partial prompt pages; 0 -> 0 where none). The loop stops
+    after ``steps`` steps, when no slot is active, or once ``refill_at`` slots have finished.
+
+    Returns ``(pools, tokens [S, steps], logprobs [S, steps], count [S], active [S], steps run)``;
+    slot ``s`` emitted its tokens at columns ``0..count_new - count_old - 1``.
+    """
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    dt = _dtype(cfg)
+    s = page_table_SxM.shape[0]
+    ps = pools[0].shape[1]
+    v = cfg.vocab_size
+    pools = [pool.at[copy_dst_S].set(pool[copy_src_S]) for pool in pools]
+    inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
+    is_eos_V = jnp.any(jnp.arange(v)[None, :] == eos_E[:, None], axis=0)
+    base_keys = jax.vmap(lambda u, g: jax.random.fold_in(jax.random.fold_in(key, u), g))(
+        uid_S, gidx_S)
+    sample_one = functools.partial(_sample, greedy=greedy, temperature=temperature, top_k=top_k,
+                                   top_p=top_p)
+    n_active0 = jnp.sum(active_S.astype(jnp.int32))
+
+    def decode(pools, tok_S, pos_S, active_S):
+        page_S = jnp.take_along_axis(page_table_SxM, (pos_S // ps)[:, None], axis=1)[:, 0]
+        page_S = jnp.where(active_S, page_S, 0)
+        off_S = pos_S % ps
+        lengths_S = jnp.where(active_S, pos_S + 1, 0)
+        x = model.embedding[...][tok_S[:, None]].astype(dt)
+        new_pools = []
+        for layer, pool in zip(model.layers, pools, strict=True):
+            q, k, vv = layer.qkv(x, pos_S[:, None], inv_freq)
+            pool = pool.at[page_S, off_S].set(_interleave_kv(k, vv)[:, 0].astype(pool.dtype))
+            att = paged_decode_attention(q[:, 0], pool, page_table_SxM, lengths_S,
+                                         pages_per_block=pages_per_block)
+            x = layer.out(x, att[:, None])
+            new_pools.append(pool)
+        h = rms_norm(x[:, 0], model.final_norm[...], cfg.rms_norm_eps, dt)
+        return model.logits(h), new_pools
+
+    def cond(carry):
+        i, _, _, _, active, _, _, _ = carry
+        n_active = jnp.sum(active.astype(jnp.int32))
+        return (i < steps) & (n_active > 0) & (n_active0 - n_active < refill_at)
+
+    def body(carry):
+        i, pools, pos, last, active, count, tok_out, lp_out = carry
+        logits_SxV, pools = decode(pools, last, pos, active)
+        logits_SxV = logits_SxV + eos_bias * is_eos_V[None, :].astype(jnp.float32)
+        keys = jax.vmap(jax.random.fold_in)(base_keys, count)
+        tok, lp = jax.vmap(lambda lg, k: sample_one(lg[None], k))(logits_SxV, keys)
+        tok, lp = tok[:, 0], lp[:, 0]
+        tok_out = jax.lax.dynamic_update_slice_in_dim(tok_out, tok[:, None], i, axis=1)
+        lp_out = jax.lax.dynamic_update_slice_in_dim(lp_out, lp[:, None], i, axis=1)
+        step = active.astype(jnp.int32)
+        count = count + step
+        pos = pos + step
+        last = jnp.where(active, tok, last)
+        done = jnp.any(tok[:, None] == eos_E[None, :], axis=-1) | (count >= max_new_tokens)
+        return i + 1, pools, pos, last, active & ~done, count, tok_out, lp_out
+
+    init = (jnp.int32(0), pools, pos_S, last_S, active_S, count_S,
+            jnp.zeros((s, steps), jnp.int32), jnp.zeros((s, steps), jnp.float32))
+    i, pools, _, _, active, count, tok_out, lp_out = jax.lax.while_loop(cond, body, init)
+    return pools, tok_out, lp_out, count, active, i
+
+
+# ---- host scheduler ----------------------------------------------------------------------------
+
+
+def _stop_at(completion, upto, stop_sequences):
+    """The first index ``j < upto`` where a stop sequence ends in ``completion``, else None."""
+    best = None
+    for seq in stop_sequences:
+        m = len(seq)
+        for j in range(m - 1, upto):
+            if tuple(completion[j - m + 1:j + 1]) == seq:
+                best = j if best is None else min(best, j)
+                break
+    return best
+
+
+def pool_pages(options: PagedOptions, *, num_samples: int, prompt_bucket: int,
+               max_new_tokens: int) -> int:
+    """Pages of each layer's pool (page 0, the scratch page, included)."""
+    ps, sl = options.page_size, options.max_slots
+    live_prompts = min(sl, -(-sl // num_samples) + 2)
+    return 1 + sl * (-(-max_new_tokens // ps) + 1) + live_prompts * -(-prompt_bucket // ps)
+
+
+def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samples,
+                   max_new_tokens, temperature, top_k, top_p, eos_ids, stop_sequences, greedy,
+                   pad_id, buckets, options: PagedOptions, eos_logit_bias: float = 0.0,
+                   stats: dict | None = None) -> Rollout:
+    """The paged engine behind ``generate_functional(..., engine="paged")``.
+
+    The arguments are already validated there; ``prompt_tokens`` / ``prompt_mask`` are host
+    arrays ``[P, Tp]`` (left-padded). ``stats``, when given, receives counters (rounds, decode
+    steps, prefill calls, pool pages).
+    """
+    tokens = np.asarray(prompt_tokens, np.int32)
+    mask = np.asarray(prompt_mask, bool)
+    model_cfg = nnx.merge(graphdef, state).cfg
+    p_count, t = tokens.shape
+    g_count, tn = num_samples, max_new_tokens
+    n_req = p_count * g_count
+    lens = mask.sum(axis=1).astype(np.int64)
+    prompts = [tokens[p, t - lens[p]:] for p in range(p_count)]
+    tb = bucket_length(t, buckets)
+    sl, ps, steps = options.max_slots, options.page_size, options.steps_per_sync
+    mp = -(-tb // ps)  # prompt pages per prompt (at most)
+    width = -(-(tb + tn) // ps)  # page-table width
+    live_prompts = min(sl, -(-sl // g_count) + 2)
+    prompt_budget = live_prompts * mp
+    num_pages = pool_pages(options, num_samples=g_count, prompt_bucket=tb, max_new_tokens=tn)
+    pf = options.prefill_batch or min(16, -(-sl // g_count))
+    kh, dh = model_cfg.num_kv_heads, model_cfg.head_dim
+    pools = _init_pools(num_layers=model_cfg.num_layers, shape=(num_pages, ps, 2 * kh, dh),
+                        dtype=_dtype(model_cfg))
+
+    eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
+    eos_E[:len(eos_ids)] = eos_ids
+    eos_set = set(eos_ids)
+
+    free_pages = list(range(num_pages - 1, 0, -1))
+    prompt_pages: dict[int, list[int]] = {}
+    partial_freed: set[int] = set()
+    admitted = np.zeros(p_count, np.int64)
+    remaining = np.full(p_count, g_count, np.int64)
+    prompt_used = 0
+
+    page_table = np.zeros((sl, width), np.int32)
+    n_row_pages = np.zeros(sl, np.int64)
+    own_pages: list[list[int]] = [[] for _ in range(sl)]
+    pos = np.zeros(sl, np.int32)
+    last = np.zeros(sl, np.int32)
+    active = np.zeros(sl, bool)
+    count = np.zeros(sl, np.int32)
+    uid = np.zeros(sl, np.int32)
+    gidx = np.zeros(sl, np.int32)
+    slot_req = np.full(sl, -1, np.int64)
+
+    out_tok = np.full((n_req, tn), pad_id, np.int32)
+    out_lp = np.zeros((n_req, tn), np.float32)
+    out_len = np.zeros(n_req, np.int32)
+    ended = np.zeros(n_req, bool)  # EOS or stop sequence within the budget
+    next_req = 0
+    n_rounds = n_steps = n_prefill = n_prefilled = 0
+    t_round = t_prefill = 0.0
+
+    def release_prompt(p):
+        nonlocal prompt_used
+        pages = prompt_pages.pop(p)
+        keep = pages if p not in partial_freed else pages[:-1]
+        free_pages.extend(keep)
+        prompt_used -= len(pages)
+
+    while True:
+        copy_src = np.zeros(sl, np.int32)
+        copy_dst = np.zeros(sl, np.int32)
+        to_prefill = []
+        for s in np.flatnonzero(slot_req < 0):
+            if next_req >= n_req:
+                break
+            p, g = divmod(next_req, g_count)
+            lp = int(lens[p]) - 1  # tokens prefilled; the last one is the sample's first step
+            if p not in prompt_pages:
+                need = -(-lp // ps)
+                if prompt_used + need > prompt_budget:
+                    break
+                prompt_pages[p] = [free_pages.pop() for _ in range(need)]
+                prompt_used += need
+                if lp:
+                    to_prefill.append(p)
+            full, rem = divmod(lp, ps)
+            page_table[s] = 0
+            page_table[s, :full] = prompt_pages[p][:full]
+            own_pages[s] = []
+            if rem:
+                own = free_pages.pop()
+                page_table[s, full] = own
+                copy_src[s], copy_dst[s] = prompt_pages[p][full], own
+                own_pages[s].append(own)
+            n_row_pages[s] = full + (1 if rem else 0)
+            pos[s], last[s], active[s], count[s] = lp, prompts[p][-1], True, 0
+            uid[s], gidx[s], slot_req[s] = p, g, next_req
+            admitted[p] += 1
+            next_req += 1
+        if not active.any():
+            break
+        t0 = time.perf_counter()
+        for c in range(0, len(to_prefill), pf):
+            chunk = to_prefill[c:c + pf]
+            ptok = np.full((pf, tb), pad_id, np.int32)
+            plen = np.zeros(pf, np.int32)
+            ppages = np.zeros((pf, mp), np.int32)
+            for i, p in enumerate(chunk):
+                lp = int(lens[p]) - 1
+                ptok[i, :lp] = prompts[p][:lp]
+                plen[i] = lp
+                ppages[i, :len(prompt_pages[p])] = prompt_pages[p]
+            pools = _prefill_jit(graphdef, state, pools, ptok, plen, ppages)
+            n_prefill += 1
+            n_prefilled += len(chunk)
+        if stats is not None and to_prefill:  # time the prefill apart from the round
+            jax.block_until_ready(pools)
+            t_prefill += time.perf_counter() - t0
+        for s in np.flatnonzero(active):  # pages for this round's tokens
+            p = uid[s]
+            last_pos = min(int(pos[s]) + steps - 1, int(lens[p]) - 1 + tn - 1)
+            while n_row_pages[s] * ps <= last_pos:
+                page = free_pages.pop()
+                page_table[s, n_row_pages[s]] = page
+                own_pages[s].append(page)
+                n_row_pages[s] += 1
+        t0 = time.perf_counter()
+        refill_at = (sl + 1) if next_req >= n_req else max(1, min(n_req - next_req, sl // 8))
+        pools, tok_r, lp_r, count_r, active_r, i_r = _round_jit(
+            graphdef, state, pools, page_table, pos, last, active, count, uid, gidx,
+            copy_src, copy_dst, key, np.int32(refill_at),
+            np.float32(1.0 if greedy else temperature), eos_E, np.float32(eos_logit_bias),
+            steps=steps, max_new_tokens=tn, top_k=int(top_k), top_p=float(top_p),
+            greedy=bool(greedy), pages_per_block=options.pages_per_block)
+        tok_r, lp_r, count_r, active_r = (np.asarray(a) for a in (tok_r, lp_r, count_r,
+                                                                   active_r))
+        n_rounds += 1
+        n_steps += int(i_r)
+        t_round += time.perf_counter() - t0
+        for p in np.flatnonzero((admitted == g_count) & (remaining > 0)):
+            lp = int(lens[p]) - 1
+            if lp % ps and p not in partial_freed:  # every sample holds its own copy now
+                free_pages.append(prompt_pages[p][-1])
+                partial_freed.add(p)
+        for s in np.flatnonzero(active):
+            n = slot_req[s]
+            c0, c1 = int(count[s]), int(count_r[s])
+            out_tok[n, c0:c1] = tok_r[s, :c1 - c0]
+            out_lp[n, c0:c1] = lp_r[s, :c1 - c0]
+            stop = _stop_at(out_tok[n], c1, stop_sequences) if stop_sequences else None
+            if stop is not None and stop < c1:
+                out_tok[n, stop + 1:] = pad_id
+                out_lp[n, stop + 1:] = 0.0
+                out_len[n], ended[n], done = stop + 1, True, True
+            else:
+                eos = c1 > c0 and int(tok_r[s, c1 - c0 - 1]) in eos_set
+                done = (not active_r[s]) or c1 >= tn
+                out_len[n], ended[n] = c1, eos
+            if done:
+                free_pages.extend(own_pages[s])
+                own_pages[s] = []
+                p = uid[s]
+                remaining[p] -= 1
+                if remaining[p] == 0:
+                    release_prompt(p)
+                slot_req[s] = -1
+                active[s] = False
+            else:
+                pos[s] += c1 - c0
+                last[s] = tok_r[s, c1 - c0 - 1] if c1 > c0 else last[s]
+                count[s] = c1
+    if stats is not None:
+        stats.update(rounds=n_rounds, decode_steps=n_steps, prefill_calls=n_prefill,
+                     prefilled_prompts=n_prefilled, pool_pages=num_pages, page_size=ps,
+                     max_slots=sl, pages_in_use_at_end=num_pages - 1 - len(free_pages),
+                     round_seconds=t_round, prefill_seconds=t_prefill)
+    out_mask = np.arange(tn)[None, :] < out_len[:, None]
+    # device_put, not jnp.asarray: the latter compiles a staging program per new shape.
+    return jax.device_put(Rollout(
+        tokens=out_tok.reshape(p_count, g_count, tn),
+        logprobs=np.where(out_mask, out_lp, 0.0).astype(np.float32).reshape(p_count, g_count,
+                                                                            tn),
+        mask=out_mask.reshape(p_count, g_count, tn),
+        lengths=out_len.reshape(p_count, g_count),
+        truncated=(~ended).reshape(p_count, g_count),
+    ))
+
+
+def kv_bytes(options: PagedOptions, model_cfg, *, num_samples, prompt_bucket,
+             max_new_tokens) -> int:
+    """Bytes of every layer's page pool (the engine's whole KV cache)."""
+    pages = pool_pages(options, num_samples=num_samples, prompt_bucket=prompt_bucket,
+                       max_new_tokens=max_new_tokens)
+    itemsize = 2 if model_cfg.dtype == "bfloat16" else 4
+    return (model_cfg.num_layers * pages * options.page_size * 2 * model_cfg.num_kv_heads
+            * model_cfg.head_dim * itemsize)
+
+
+__all__ = ["PagedOptions", "generate_paged", "kv_bytes", "paged_decode_attention", "pool_pages"]
