@@ -37,7 +37,7 @@ from jaxgrpo import paths
 
 __all__ = [
     "JsonlWriter", "MetricWriter", "MultiWriter", "NonFiniteError", "NonFiniteGuard",
-    "NullWriter", "ProgressBar", "TensorBoardWriter", "WandbWriter", "per_task_metrics",
+    "NullWriter", "ProgressBar", "TensorBoardWriter", "WandbWriter", "mfu", "per_task_metrics",
     "read_jsonl", "to_scalars",
 ]
 
@@ -538,6 +538,15 @@ def set_phase(stream, phase: str) -> None:
 
 
 # ---- per-task metrics and throughput ------------------------------------------------------------
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float,
+        num_devices: int = 1) -> float:
+    """Model FLOP utilisation: ``flops_per_step / (step_time_s · peak · num_devices)``."""
+    if step_time_s <= 0 or peak_flops_per_s <= 0 or num_devices < 1:
+        raise ValueError("step_time_s and peak_flops_per_s must be > 0 and num_devices >= 1, "
+                         f"got {step_time_s}, {peak_flops_per_s}, {num_devices}")
+    return float(flops_per_step) / (step_time_s * peak_flops_per_s * num_devices)
 
 
 def per_task_metrics(task_names: Sequence[str], rewards_PxG, correct_PxG, lengths_PxG,
