@@ -26,8 +26,6 @@ KNOWN_UNUSED = {
     "jaxgrpo/evaluation/scaling.py: max_confidence",
     "jaxgrpo/evaluation/scaling.py: confidence_weighted_majority",
     "jaxgrpo/evaluation/scaling.py: scaling_curves",
-    "jaxgrpo/tasks/runner.py: count_errors",
-    "jaxgrpo/tasks/runner.py: scores_to_arrays",
     "jaxgrpo/tasks/structured.py: tokenize_blocks",
 }
 
