@@ -26,7 +26,6 @@ KNOWN_UNUSED = {
     "jaxgrpo/evaluation/scaling.py: max_confidence",
     "jaxgrpo/evaluation/scaling.py: confidence_weighted_majority",
     "jaxgrpo/evaluation/scaling.py: scaling_curves",
-    "jaxgrpo/tasks/structured.py: tokenize_blocks",
 }
 
 
