@@ -16,7 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Unused today, in modules being reworked elsewhere: to be removed or used. Do not add to this.
 KNOWN_UNUSED = {
-    "jaxgrpo/checkpoint.py: Checkpointer.restore_meta",
     "jaxgrpo/evaluation/scaling.py: majority_vote",
     "jaxgrpo/evaluation/scaling.py: max_confidence",
     "jaxgrpo/evaluation/scaling.py: confidence_weighted_majority",
