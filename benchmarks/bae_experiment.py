@@ -17,7 +17,10 @@ Task: one- and two-digit addition in the compact confidence format ``<a>sum</a><
 3. **Evaluation** of the SFT model and every trained policy on the same held-out prompts, k
    samples each at T = 1: accuracy, ECE (the paper's 11 bins), Brier and AUROC over all (q, c)
    pairs, each with a bootstrap SE (1000 resamples). A completion without a parsable confidence
-   counts as q = 0 (its share is reported as ``no_conf``).
+   counts as q = 0 (its share is reported as ``no_conf``). Test-time scaling over the same k
+   samples (the paper's §5.3): accuracy of majority vote, MaxConf and confidence-weighted
+   majority over the first k' samples, with pass@1 and pass@k', for k' = 1, 2, 4, ..., k
+   (answers grouped by whitespace-normalised text; an unparsable answer never wins).
 4. **Fidelity study** (the paper's §5.1, Fig. 1) on the RLCR-trained policy of the first seed (the paper's
    reference is RLCR-trained): N prompts, G solutions, M confidence continuations per solution.
 
@@ -41,9 +44,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgrpo.config import load_config  # noqa: E402
-from jaxgrpo.evaluation import calibration  # noqa: E402
+from jaxgrpo.evaluation import calibration, scaling  # noqa: E402
 from jaxgrpo.evaluation import fidelity as fid  # noqa: E402
 from jaxgrpo.tasks import score_many  # noqa: E402
+from jaxgrpo.tasks.structured import normalize_answer  # noqa: E402
 from jaxgrpo.train import fidelity, loop, rollouts  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,12 +91,13 @@ def make_config(workdir: pathlib.Path, extra: list[str], size: dict, *, smoke: b
 
 
 def evaluate(policy, params, task, records, *, k: int, cfg, key, chunk: int = 64) -> dict:
-    """``correct``, ``confidence`` (q, 0 where missing), ``has_conf``, ``format_ok``: ``[P, k]``."""
+    """``correct``, ``confidence`` (q, 0 where missing), ``has_conf``, ``format_ok`` and
+    ``answer`` (str, None where missing; object array): ``[P, k]``."""
     rc = cfg.rollout
     gen = policy.generator(num_samples=k, max_new_tokens=rc.max_new_tokens,
                            temperature=rc.eval_temperature, top_k=rc.top_k, top_p=rc.top_p,
                            buckets=rc.prompt_buckets)
-    out = {"correct": [], "confidence": [], "has_conf": [], "format_ok": []}
+    out = {"correct": [], "confidence": [], "has_conf": [], "format_ok": [], "answer": []}
     for c0 in range(0, len(records), chunk):
         part = records[c0:c0 + chunk]
         if len(part) < chunk and c0 > 0:  # keep one compiled shape: pad with earlier prompts
@@ -112,7 +117,13 @@ def evaluate(policy, params, task, records, *, k: int, cfg, key, chunk: int = 64
                                       for p in parses])
             out["has_conf"].append([p.confidence is not None for p in parses])
             out["format_ok"].append([p.format_ok for p in parses])
-    return {k_: np.asarray(v) for k_, v in out.items()}
+            out["answer"].append([p.answers[0] for p in parses])
+    return {k_: np.asarray(v, dtype=object if k_ == "answer" else None) for k_, v in out.items()}
+
+
+def budgets(k: int) -> list[int]:
+    """The sampling budgets of the scaling curves: 1, 2, 4, ... up to ``k``, and ``k``."""
+    return sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k})
 
 
 def report(ev: dict, *, n_bootstrap: int, seed: int = 0) -> dict:
@@ -123,6 +134,10 @@ def report(ev: dict, *, n_bootstrap: int, seed: int = 0) -> dict:
     rep["mean_conf"] = float(ev["confidence"].mean())
     cnt, acc, conf = calibration.calibration_bins(ev["confidence"].ravel(), ev["correct"].ravel())
     rep["bins"] = {"count": cnt.tolist(), "accuracy": _nan_none(acc), "confidence": _nan_none(conf)}
+    ks = budgets(ev["correct"].shape[1])
+    sc = scaling.scaling_curves(ev["answer"].tolist(), ev["confidence"], ev["correct"], ks,
+                                     key=normalize_answer)
+    rep["scaling"] = {"k": ks, **{m: v.tolist() for m, v in sc.items()}}
     return rep
 
 
@@ -154,6 +169,15 @@ def tables(res: dict) -> str:
             se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
             cells.append(f"{v.mean():.3f} ± {se:.3f}" if len(v) > 1 else f"{v.mean():.3f}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Test-time scaling, pooled over seeds: accuracy of the answer each rule picks "
+              "from the first k samples (pass@1: mean sample accuracy; pass@k: unbiased, over all "
+              "samples):", "", "| policy | k | " + " | ".join(scaling.METHODS) + " |",
+              "|---|---|" + "---|" * len(scaling.METHODS)]
+    for arm in arms:
+        sc = res["pooled"][arm]["scaling"]
+        for j, k in enumerate(sc["k"]):
+            lines.append(f"| {arm} | {k} | "
+                         + " | ".join(f"{sc[m][j]:.3f}" for m in scaling.METHODS) + " |")
     f = res["fidelity"]
     lines += ["", f"Fidelity study on the {f['policy']} policy: {f['prompts']} held-out prompts, "
               f"G={f['G']}, M={f['M']}; RMSE (bias) of the confidence-block advantage against "
@@ -231,7 +255,7 @@ def main(argv=None) -> int:
     # ---- 2-3. RL arms x seeds, evaluation ---------------------------------------------------
     trained = {}
     for arm, extra in ARMS.items():
-        pooled = {"correct": [], "confidence": [], "has_conf": [], "format_ok": []}
+        pooled = {"correct": [], "confidence": [], "has_conf": [], "format_ok": [], "answer": []}
         res["per_seed"][arm] = {}
         for seed in args.seeds:
             t0 = time.perf_counter()

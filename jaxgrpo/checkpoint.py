@@ -184,17 +184,6 @@ class Checkpointer:
                              f"differ from the run's config.yaml?): {detail}") from e
         return restored["state"], dict(restored["meta"])
 
-    def restore_meta(self, step: int | None = None) -> dict:
-        """Only the JSON meta of ``step`` (default latest), e.g. to read the saved config."""
-        self.wait()
-        steps = self.all_steps()
-        step = (steps[-1] if steps else None) if step is None else step
-        if step is None or step not in steps:
-            raise FileNotFoundError(f"no committed checkpoint for step {step} in "
-                                    f"'{self.directory}'; available steps: {steps}")
-        restored = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
-
     def wait(self) -> None:
         """Block until every started save is committed (or raise its error)."""
         self._mgr.wait_until_finished()

@@ -392,21 +392,6 @@ def flatten_groups(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def unflatten_groups(x: jax.Array, group_size: int) -> jax.Array:
-    """``[N, ...] -> [N // G, G, ...]``, the inverse of ``flatten_groups``."""
-    x = jnp.asarray(x)
-    if isinstance(group_size, bool) or not isinstance(group_size, _INTS):
-        raise TypeError(f"group_size must be a Python int, got {type(group_size).__name__}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if x.ndim < 1 or x.shape[0] % group_size:
-        raise ValueError(
-            f"x must have a leading axis N divisible by group_size={group_size}, "
-            f"got shape {x.shape}"
-        )
-    return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
-
-
 def _block_ids_input(name: str, block_ids, rows: int | None = None) -> jax.Array:
     block_ids = jnp.asarray(block_ids)
     if not jnp.issubdtype(block_ids.dtype, jnp.integer):

@@ -17,9 +17,8 @@ How one draw works:
    step; and its iterators (``mix``, ``batch``) fix proportions, not the exact
    per-step-variable counts needed here. So this module is plain numpy index arithmetic and imports neither grain nor jax.
 3. **Global schedule.** Each task keeps one *global* cursor. A draw of ``c_k`` takes the next
-   ``c_k`` positions of task ``k`` (returned positions first, see ``give_back``). Every host
-   computes the same schedule and keeps only its slice, so hosts never duplicate a record and
-   nothing is skipped.
+   ``c_k`` positions of task ``k``. Every host computes the same schedule and keeps only its
+   slice, so hosts never duplicate a record and nothing is skipped.
 4. **Host split.** ``c_k = q_k*P + r_k`` with ``P = process_count``: every host gets ``q_k`` of
    task ``k``; the ``r_k`` leftovers of all tasks, in task order, are dealt round-robin to hosts
    ``(j + step) % P`` (``j`` counts leftovers within the draw, ``step`` rotates who starts).
@@ -28,11 +27,11 @@ How one draw works:
    piece of each task's positions. The local batch lists tasks in order, positions ascending;
    concatenating the local batches of hosts ``0..P-1`` gives the global batch, the row order of
    ``jax.make_array_from_process_local_data``.
-5. **State.** ``{step, cursor and returned positions per task}``: JSON-able and independent of
-   the host count, so a run can resume on a different number of hosts.
+5. **State.** ``{step, cursor per task}``: JSON-able and independent of the host count, so a
+   run can resume on a different number of hosts.
 
 With ``next_batch()`` only, ``cursor_k = step * target_k``: a batch is a pure function of
-``(seed, step)`` (``seek(step)`` jumps there).
+``(seed, step)``.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,7 +115,7 @@ class Item:
       task: the task name.
       index: the record's index in its task's source.
       record: ``source[index]``, the record itself.
-      uid: ``"<task>@<position>"``, unique per draw (a returned item keeps its uid when re-drawn).
+      uid: ``"<task>@<position>"``, unique over the run.
       position: the global stream position; ``epoch = position // len(source)``.
     """
 
@@ -192,7 +191,6 @@ class TaskSampler:
         self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
         self.step = 0
         self._cursor = dict.fromkeys(self.task_names, 0)
-        self._returned: dict[str, list[int]] = {name: [] for name in self.task_names}
 
     # ---- configuration helpers -------------------------------------------------------------
 
@@ -280,20 +278,13 @@ class TaskSampler:
         self.step += 1
         return items
 
-    def draw_weighted(self, weights: Mapping[str, float] | Sequence[float], total: int):
-        """``draw(largest_remainder(weights, total))``: counts from weights that change per step."""
-        return self.draw(largest_remainder(self._ratio_dict(weights), total))
-
     def next_batch(self) -> list[Item]:
         """This host's share of the next batch with the fixed ``targets`` per task."""
         return self.draw(self.targets)
 
-    def _take(self, name: str, count: int) -> list[int]:
-        returned = self._returned[name]
-        positions, self._returned[name] = returned[:count], returned[count:]
-        fresh = count - len(positions)
-        positions += range(self._cursor[name], self._cursor[name] + fresh)
-        self._cursor[name] += fresh
+    def _take(self, name: str, count: int) -> range:
+        positions = range(self._cursor[name], self._cursor[name] + count)
+        self._cursor[name] += count
         return positions
 
     def _item(self, name: str, position: int) -> Item:
@@ -301,40 +292,7 @@ class TaskSampler:
         index = int(self._permutation(name, epoch)[offset])
         return Item(name, index, self._sources[name][index], f"{name}@{position}", position)
 
-    def give_back(self, items: Iterable[Item | tuple[str, int]]) -> None:
-        """Returns drawn but unused prompts to the front of their task's stream.
-
-        The next draws of that task serve them first (lowest position first), under their old
-        uid. MT-GRPO itself does *not* give back prompts it generated on: in the released code, the
-        released code pops prompts without replacement, so zero-advantage (filtered) and trimmed
-        prompts are consumed. Use this for prompts that were drawn but never rolled out, or to
-        re-use trimmed prompts deliberately.
-
-        The sampler state must evolve identically on every host, so call this on every host
-        with the same *global* list: ``Item``s or ``(task, position)`` pairs (a uid is
-        ``"<task>@<position>"``).
-        """
-        new: dict[str, set[int]] = {name: set() for name in self.task_names}
-        for it in items:
-            name, pos = (it.task, it.position) if isinstance(it, Item) else it
-            if name not in self._sources:
-                raise ValueError(f"give_back: unknown task {name!r}; tasks: {self.task_names}")
-            if not 0 <= pos < self._cursor[name]:
-                raise ValueError(f"give_back: {name}@{pos} was never drawn")
-            if pos in self._returned[name] or pos in new[name]:
-                raise ValueError(f"give_back: {name}@{pos} was already given back")
-            new[name].add(pos)
-        for name, pos in new.items():
-            self._returned[name] = sorted(self._returned[name] + list(pos))
-
     # ---- state -----------------------------------------------------------------------------
-
-    def seek(self, step: int) -> None:
-        """Positions the sampler as if ``step`` ``next_batch()`` calls had been made from the start."""
-        step = _check_int("step", step, minimum=0)
-        self.step = step
-        self._cursor = {k: step * self.targets[k] for k in self.task_names}
-        self._returned = {k: [] for k in self.task_names}
 
     def get_state(self) -> dict[str, Any]:
         """A JSON-able snapshot; ``set_state`` of it yields the identical next batches."""
@@ -346,7 +304,6 @@ class TaskSampler:
                 k: {
                     "size": len(self._sources[k]),
                     "cursor": self._cursor[k],
-                    "returned": list(self._returned[k]),
                 }
                 for k in self.task_names
             },
@@ -366,9 +323,9 @@ class TaskSampler:
             if t["size"] != len(self._sources[k]):
                 raise ValueError(f"state: task {k!r} had {t['size']} records, now "
                                  f"{len(self._sources[k])}: the source changed")
-            cursor = _check_int(f"state['tasks'][{k!r}]['cursor']", t["cursor"], minimum=0)
-            if any(not 0 <= r < cursor for r in t["returned"]):
-                raise ValueError(f"state: task {k!r} has returned positions outside [0, {cursor})")
+            _check_int(f"state['tasks'][{k!r}]['cursor']", t["cursor"], minimum=0)
+            if t.get("returned"):  # earlier versions saved an empty list
+                raise ValueError(f"state: task {k!r} lists returned positions; this sampler "
+                                 "does not serve given-back prompts")
         self.step = _check_int("state['step']", state["step"], minimum=0)
         self._cursor = {k: int(t["cursor"]) for k, t in tasks.items()}
-        self._returned = {k: sorted(int(p) for p in t["returned"]) for k, t in tasks.items()}

@@ -15,9 +15,9 @@ from jaxgrpo.evaluation.calibration import (
     ece,
 )
 from jaxgrpo.evaluation.scaling import (
-    confidence_weighted_majority,
-    majority_vote,
-    max_confidence,
+    confidence_weighted_majority_index,
+    majority_vote_index,
+    max_confidence_index,
     pass_at_k,
     scaling_curves,
 )
@@ -29,10 +29,10 @@ __all__ = [
     "calibration",
     "calibration_bins",
     "calibration_report",
-    "confidence_weighted_majority",
+    "confidence_weighted_majority_index",
     "ece",
-    "majority_vote",
-    "max_confidence",
+    "majority_vote_index",
+    "max_confidence_index",
     "pass_at_k",
     "scaling",
     "scaling_curves",

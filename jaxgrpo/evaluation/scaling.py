@@ -3,9 +3,9 @@
 One prompt's samples are ``answers`` (strings; ``None`` for an unparsable answer, which never
 wins a vote and counts as wrong) with stated ``confidences`` in ``[0, 1]``. Answers are grouped
 by ``key(answer)`` (default: the string itself; pass a canonicaliser such as a math-verify
-normaliser to group equivalent answers). Every rule returns the *first-occurring* original
-answer of its winning group, or ``None`` if no sample has an answer. Ties are broken by first
-occurrence.
+normaliser to group equivalent answers). Every rule returns the index of the *first-occurring*
+sample of its winning group (``answers[i]`` is the chosen answer), or -1 if no sample has an
+answer. Ties are broken by first occurrence.
 
 * Majority vote: the most frequent group.
 * MaxConf: the answer of the sample with the largest confidence.
@@ -101,12 +101,13 @@ def _best_group(groups: dict[Hashable, list[int]], score: Callable[[list[int]], 
 
 
 def majority_vote_index(answers: Sequence[Answer], *, key: Key | None = None) -> int:
-    """Index of the sample whose answer :func:`majority_vote` returns (-1 for none)."""
+    """Majority vote: the first sample of the most frequent answer group (-1 for none)."""
     return _best_group(_groups(_answers(answers), key), len)
 
 
 def max_confidence_index(answers, confidences, *, key: Key | None = None) -> int:
-    """Index of the sample whose answer :func:`max_confidence` returns (-1 for none)."""
+    """MaxConf: the first sample of the group of the answer stated with the highest confidence
+    (the earliest such sample wins ties; -1 for none)."""
     a = _answers(answers)
     q = _weights(a, confidences)
     best = -1
@@ -120,30 +121,11 @@ def max_confidence_index(answers, confidences, *, key: Key | None = None) -> int
 
 
 def confidence_weighted_majority_index(answers, confidences, *, key: Key | None = None) -> int:
-    """Index of the sample whose answer :func:`confidence_weighted_majority` returns."""
+    """WeightedMaj: the first sample of ``argmax_a sum_i q_i 1{key(a_i) = key(a)}`` (-1 for
+    none)."""
     a = _answers(answers)
     q = _weights(a, confidences)
     return _best_group(_groups(a, key), lambda members: math.fsum(q[i] for i in members))
-
-
-def majority_vote(answers: Sequence[Answer], *, key: Key | None = None) -> Answer:
-    """The most frequent answer (first occurrence wins ties); None if no sample has an answer."""
-    i = majority_vote_index(answers, key=key)
-    return None if i < 0 else answers[i]
-
-
-def max_confidence(answers: Sequence[Answer], confidences, *, key: Key | None = None) -> Answer:
-    """The answer stated with the highest confidence (earliest sample wins ties)."""
-    i = max_confidence_index(answers, confidences, key=key)
-    return None if i < 0 else answers[i]
-
-
-def confidence_weighted_majority(
-    answers: Sequence[Answer], confidences, *, key: Key | None = None
-) -> Answer:
-    """``argmax_a sum_i q_i 1{key(a_i) = key(a)}`` (first occurrence wins ties)."""
-    i = confidence_weighted_majority_index(answers, confidences, key=key)
-    return None if i < 0 else answers[i]
 
 
 def _sample_correct(answers: list[Answer], correct, p: int) -> np.ndarray:

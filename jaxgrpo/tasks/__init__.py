@@ -9,7 +9,7 @@ Public API::
 from jaxgrpo.tasks import adapters as _adapters  # noqa: F401  (registers the adapter tasks)
 from jaxgrpo.tasks.base import Score, Task, get_task, list_tasks, parse_spec, register_task
 from jaxgrpo.tasks.builtin import MIXTURES
-from jaxgrpo.tasks.runner import VerifierPool, count_errors, score_many, scores_to_arrays
+from jaxgrpo.tasks.runner import VerifierPool, count_errors, score_many
 from jaxgrpo.tasks.structured import (
     StructuredTask,
     completion_block_ids,
@@ -31,6 +31,5 @@ __all__ = [
     "parse_structured",
     "register_task",
     "score_many",
-    "scores_to_arrays",
     "token_block_ids",
 ]

@@ -44,7 +44,6 @@ import time
 from collections.abc import Sequence
 
 import cloudpickle
-import numpy as np
 
 from jaxgrpo.tasks.base import Score, Task, error_score, sanitize
 
@@ -277,9 +276,7 @@ class VerifierPool:
                 pending.append(i)
         if pending:
             self._run(tasks, records, completions, truncated, pending, results)
-        for s in results:
-            if s is not None and s.error:
-                self.errors[s.error.split(":")[0].split(" ")[0]] += 1
+        self.errors.update(count_errors(results))
         return results  # type: ignore[return-value]
 
     def _run(self, tasks, records, completions, truncated, pending, results) -> None:
@@ -423,30 +420,3 @@ def count_errors(scores: Sequence[Score]) -> dict[str, int]:
         if s.error:
             out[s.error.split(":")[0].split(" ")[0]] += 1
     return dict(out)
-
-
-def scores_to_arrays(scores: Sequence[Score]) -> dict[str, np.ndarray]:
-    """Stacks scores into NumPy arrays for the trainer (``N = len(scores)``).
-
-    Returns:
-      ``reward`` float32 [N]; ``correct``, ``format_ok``, ``valid`` (no error) bool [N];
-      ``confidence`` float32 [N] (0 where missing) with ``has_confidence`` bool [N]; and, when
-      the scores carry block rewards, ``blocks`` float32 [N, K] (all scores must have K blocks).
-    """
-    n = len(scores)
-    out = {
-        "reward": np.array([s.reward for s in scores], dtype=np.float32).reshape(n),
-        "correct": np.array([s.correct for s in scores], dtype=bool).reshape(n),
-        "format_ok": np.array([s.format_ok for s in scores], dtype=bool).reshape(n),
-        "valid": np.array([s.error is None for s in scores], dtype=bool).reshape(n),
-        "has_confidence": np.array([s.confidence is not None for s in scores],
-                                   dtype=bool).reshape(n),
-        "confidence": np.array([0.0 if s.confidence is None else s.confidence for s in scores],
-                               dtype=np.float32).reshape(n),
-    }
-    ks = {len(s.blocks) for s in scores}
-    if ks - {0}:
-        if len(ks) != 1:
-            raise ValueError(f"scores have different numbers of blocks: {sorted(ks)}")
-        out["blocks"] = np.array([s.blocks for s in scores], dtype=np.float32).reshape(n, ks.pop())
-    return out

@@ -335,14 +335,6 @@ def token_block_ids(spans: Sequence[tuple[int, int]], offsets: Sequence[Sequence
     return ids_T
 
 
-def tokenize_blocks(tokenizer, text: str, spans: Sequence[tuple[int, int]], *,
-                    length: int | None = None) -> tuple[list[int], np.ndarray]:
-    """Tokenizes ``text`` with an HF fast tokenizer and returns ``(token ids, block ids [T])``."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    return ids, token_block_ids(spans, offsets, length=len(ids) if length is None else length)
-
-
 def normalize_answer(answer: str) -> str:
     """Whitespace-collapsed, stripped answer text (the default ``a2 ≡ a1`` key)."""
     return " ".join(answer.split())

@@ -43,6 +43,7 @@ Everything model-specific comes through ``ModelParts`` (split NNX model) and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -138,9 +139,12 @@ def token_logprobs_fn(parts: ModelParts, chunk: int):
 
 
 def _reduce_terms(stacked: dict) -> dict:
-    """Combines aux terms stacked over micro-batches (sums, except the ratio extremes)."""
-    red = {"ratio_min": jnp.min, "ratio_max": jnp.max}
-    return {k: red.get(k, jnp.sum)(v, axis=0) for k, v in stacked.items()}
+    """Combines aux terms stacked over micro-batches ``[M, ...]`` as
+    :func:`jaxgrpo.core.losses.accumulate_terms` does (sums, except the ratio extremes)."""
+    zero = jnp.zeros((), jnp.float32)  # num and den are accumulated by the step itself
+    m = jax.tree.leaves(stacked)[0].shape[0]
+    parts = [(zero, zero, {k: v[i] for k, v in stacked.items()}) for i in range(m)]
+    return functools.reduce(core_losses.accumulate_terms, parts)[2]
 
 
 def _split(tree, parts: int, shards: int = 1):

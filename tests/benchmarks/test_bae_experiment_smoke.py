@@ -46,6 +46,13 @@ def test_smoke_run_writes_every_arm_and_metric(nano_demo, tmp_path, capsys):
             assert math.isfinite(rep[m]), (arm, m)
             assert math.isfinite(rep.get(f"{m}_se", 0.0)), (arm, m)
         assert f"| {arm} |" in md
+        sc = rep["scaling"]
+        assert sc["k"] == [1, res["settings"]["eval_k"]] == [1, 2]
+        for m in ("pass@1", "pass@k", "majority", "max_conf", "weighted_majority"):
+            assert len(sc[m]) == 2 and all(0.0 <= v <= 1.0 for v in sc[m]), (arm, m)
+        assert sc["pass@k"][0] == pytest.approx(sc["pass@1"][0])
+        assert sc["pass@k"][1] >= sc["pass@k"][0]
+        assert f"| {arm} | 2 | " in md
     for arm in ("rlcr", "bae_group_mean", "bae_ocb"):
         assert set(res["per_seed"][arm]) == {"0"}
         assert len(res["curves"][f"{arm}_s0"]["accuracy/batch"]) == res["settings"]["rl_steps"]

@@ -16,7 +16,6 @@ from jaxgrpo.core.advantages import (
     flatten_groups,
     group_relative,
     token_advantages,
-    unflatten_groups,
 )
 from jaxgrpo.core.masked import masked_all_equal
 
@@ -668,20 +667,15 @@ def test_bae_pipeline_end_to_end():
     np.testing.assert_allclose(w[2], [0, 0.25, 0.25, 0.25, 0.25, 0, 0])  # truncated: no block 1
 
 
-def test_flatten_and_unflatten_groups():
+def test_flatten_groups():
     x = np.arange(2 * 3 * 4).reshape(2, 3, 4)
     f = np.asarray(flatten_groups(x))
     assert f.shape == (6, 4)
     for p, g in itertools.product(range(2), range(3)):
         np.testing.assert_array_equal(f[p * 3 + g], x[p, g])
-    np.testing.assert_array_equal(unflatten_groups(f, 3), x)
     assert flatten_groups(np.zeros((2, 3))).shape == (6,)
     with pytest.raises(ValueError, match="x"):
         flatten_groups(np.zeros((4,)))
-    with pytest.raises(ValueError, match="group_size"):
-        unflatten_groups(f, 4)
-    with pytest.raises(ValueError, match="group_size"):
-        unflatten_groups(f, 0)
 
 
 def test_token_helper_errors_name_the_argument():

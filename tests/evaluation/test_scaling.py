@@ -47,6 +47,25 @@ def test_pass_at_k_rejects_bad_input():
 # one prompt
 
 
+def _pick(rule, answers, *args, **kw):
+    """The answer a rule chooses (None for -1), through its returned sample index."""
+    i = rule(answers, *args, **kw)
+    assert -1 <= i < len(answers)
+    return None if i < 0 else answers[i]
+
+
+def majority_vote(answers, **kw):
+    return _pick(S.majority_vote_index, answers, **kw)
+
+
+def max_confidence(answers, q, **kw):
+    return _pick(S.max_confidence_index, answers, q, **kw)
+
+
+def confidence_weighted_majority(answers, q, **kw):
+    return _pick(S.confidence_weighted_majority_index, answers, q, **kw)
+
+
 def ref_majority(answers):
     counts = Counter(a for a in answers if a is not None)
     if not counts:
@@ -77,29 +96,30 @@ def ref_maxconf(answers, q):
 def test_rules_on_hand_examples():
     answers = ["12", "7", "7", None, "12", "3"]
     q = [0.9, 0.2, 0.3, 1.0, 0.1, 0.95]
-    assert S.majority_vote(answers) == "12"  # 12 and 7 tie at 2: first occurrence wins
-    assert S.max_confidence(answers, q) == "3"  # the None answer's 1.0 is ignored
-    assert S.confidence_weighted_majority(answers, q) == "12"  # 1.0 vs 0.5 vs 0.95
-    assert S.majority_vote([None, None]) is None
-    assert S.max_confidence([None], [0.5]) is None
-    assert S.confidence_weighted_majority([], []) is None
+    assert majority_vote(answers) == "12"  # 12 and 7 tie at 2: first occurrence wins
+    assert max_confidence(answers, q) == "3"  # the None answer's 1.0 is ignored
+    assert confidence_weighted_majority(answers, q) == "12"  # 1.0 vs 0.5 vs 0.95
+    assert majority_vote([None, None]) is None
+    assert max_confidence([None], [0.5]) is None
+    assert confidence_weighted_majority([], []) is None
     # weighting overturns the plain majority
-    assert S.majority_vote(["a", "b", "b"]) == "b"
-    assert S.confidence_weighted_majority(["a", "b", "b"], [0.9, 0.3, 0.5]) == "a"
+    assert majority_vote(["a", "b", "b"]) == "b"
+    assert confidence_weighted_majority(["a", "b", "b"], [0.9, 0.3, 0.5]) == "a"
     # max-conf ties -> earliest sample
-    assert S.max_confidence(["x", "y", "z"], [0.4, 0.8, 0.8]) == "y"
+    assert max_confidence(["x", "y", "z"], [0.4, 0.8, 0.8]) == "y"
 
 
 def test_key_groups_equivalent_answers_and_returns_first_original():
     answers = ["2", " 1/2", "0.5", "2", "1/2"]
     key = lambda a: {"1/2": "0.5"}.get(a.strip(), a.strip())
-    assert S.majority_vote(answers, key=key) == " 1/2"  # group {1/2, 0.5} has 3 votes
-    assert S.majority_vote(answers) == "2"  # without key the strings differ
+    assert majority_vote(answers, key=key) == " 1/2"  # group {1/2, 0.5} has 3 votes
+    assert S.majority_vote_index(answers, key=key) == 1  # the group's first sample
+    assert majority_vote(answers) == "2"  # without key the strings differ
     # max-conf returns the first original of the winning sample's group
-    assert S.max_confidence(answers, [0.1, 0.2, 0.9, 0.3, 0.1], key=key) == " 1/2"
-    assert S.max_confidence(answers, [0.1, 0.2, 0.9, 0.3, 0.1]) == "0.5"
-    assert S.confidence_weighted_majority(answers, [0.5, 0.1, 0.1, 0.5, 0.1], key=key) == "2"
-    assert S.confidence_weighted_majority(answers, [0.1, 0.2, 0.2, 0.1, 0.1], key=key) == " 1/2"
+    assert max_confidence(answers, [0.1, 0.2, 0.9, 0.3, 0.1], key=key) == " 1/2"
+    assert max_confidence(answers, [0.1, 0.2, 0.9, 0.3, 0.1]) == "0.5"
+    assert confidence_weighted_majority(answers, [0.5, 0.1, 0.1, 0.5, 0.1], key=key) == "2"
+    assert confidence_weighted_majority(answers, [0.1, 0.2, 0.2, 0.1, 0.1], key=key) == " 1/2"
 
 
 def test_rules_match_references_on_random_prompts():
@@ -109,20 +129,20 @@ def test_rules_match_references_on_random_prompts():
         n = int(rng.integers(1, 9))
         answers = [pool[i] for i in rng.integers(0, 5, size=n)]
         q = list(np.round(rng.uniform(size=n), 1))  # rounded: ties happen
-        assert S.majority_vote(answers) == ref_majority(answers)
-        assert S.max_confidence(answers, q) == ref_maxconf(answers, q)
-        assert S.confidence_weighted_majority(answers, q) == ref_weighted(answers, q)
+        assert majority_vote(answers) == ref_majority(answers)
+        assert max_confidence(answers, q) == ref_maxconf(answers, q)
+        assert confidence_weighted_majority(answers, q) == ref_weighted(answers, q)
 
 
 def test_one_prompt_validation():
     with pytest.raises(TypeError, match="answers"):
-        S.majority_vote("abc")
+        majority_vote("abc")
     with pytest.raises(TypeError, match="answers"):
-        S.majority_vote(["a", 3])
+        majority_vote(["a", 3])
     with pytest.raises(ValueError, match="confidences"):
-        S.max_confidence(["a", "b"], [0.5])
+        max_confidence(["a", "b"], [0.5])
     with pytest.raises(ValueError, match="confidences"):
-        S.confidence_weighted_majority(["a"], [1.5])
+        confidence_weighted_majority(["a"], [1.5])
 
 
 # ------------------------------------------------------------------------------------------

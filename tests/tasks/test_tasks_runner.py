@@ -185,21 +185,3 @@ def test_task_that_cannot_load_in_a_worker_is_refused_with_a_sentence(pool):
     with pytest.raises(ValueError, match="cannot be loaded in a verifier worker.*cannot load here"):
         pool.score(FailsInWorker(), [{}] * 5, ["x"] * 5)
     assert [s.reward for s in pool.score(Sleepy(), [{"i": 4}] * 3, ["ok"] * 3)] == [4.0] * 3
-
-
-def test_scores_to_arrays():
-    import numpy as np
-
-    from jaxgrpo.tasks import scores_to_arrays
-
-    scores = [Score(1.0, True, True, None, (1.0, -0.04), 0.8),
-              Score(0.0, False, False, "timeout after 2s", (0.0, 0.0), None)]
-    a = scores_to_arrays(scores)
-    np.testing.assert_allclose(a["blocks"], [[1.0, -0.04], [0.0, 0.0]], rtol=1e-6)
-    assert a["reward"].dtype == np.float32 and a["reward"].tolist() == [1.0, 0.0]
-    assert a["valid"].tolist() == [True, False] and a["has_confidence"].tolist() == [True, False]
-    np.testing.assert_allclose(a["confidence"], [0.8, 0.0], rtol=1e-6)
-    assert "blocks" not in scores_to_arrays([Score(1.0, True, True)])
-    assert scores_to_arrays([])["reward"].shape == (0,)
-    with pytest.raises(ValueError, match="blocks"):
-        scores_to_arrays([Score(1.0, True, True, None, (1.0,)), Score(1.0, True, True, None, (1.0, 2.0))])

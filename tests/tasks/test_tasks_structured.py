@@ -11,7 +11,6 @@ from jaxgrpo.tasks.structured import (
     block_rewards,
     confidence_reward,
     parse_confidence,
-    tokenize_blocks,
 )
 
 GOOD = ("<reasoning>think</reasoning><answer>42</answer>\n"
@@ -155,21 +154,6 @@ def test_token_block_ids_with_multichar_tokens():
     assert token_block_ids(((0, 20), (20, 20)), offsets, length=5, eos_index=4)[4] == -1
     with pytest.raises(ValueError, match="length"):
         token_block_ids(spans, offsets, length=3)
-
-
-def test_tokenize_blocks_with_a_character_level_fast_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(GOOD))
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars + ["?"])}, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?")
-    p = parse_structured(GOOD)
-    ids, blocks = tokenize_blocks(hf, GOOD, p.spans(), length=len(GOOD) + 3)
-    assert len(ids) == len(GOOD)
-    expect = [0] * p.split + [1] * (len(GOOD) - p.split) + [-1] * 3
-    assert blocks.tolist() == expect
 
 
 def test_truncated_flag_reaches_the_parser_through_score_many():

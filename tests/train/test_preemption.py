@@ -96,14 +96,35 @@ def _saved_steps(workdir):
                   if p.name.isdigit())
 
 
+def _checkpoint_meta(workdir, step):
+    """The meta of checkpoint ``step`` of the run in ``workdir``, restored as a resume does:
+    into the abstract train state of the run's saved config."""
+    import tempfile
+
+    import jax
+    import yaml
+
+    from jaxgrpo.config import config_from_dict
+    from jaxgrpo.train import loop
+    from jaxgrpo.train.policy import build_policy
+    from jaxgrpo.train.state import split_model
+
+    cfg = config_from_dict(yaml.safe_load((pathlib.Path(workdir) / "config.yaml").read_text()))
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = build_policy(cfg.model, seed=cfg.train.seed, workdir=pathlib.Path(tmp))
+    _, params = split_model(model)
+    abstract = jax.eval_shape(lambda: loop.initial_state(cfg, params))
+    with Checkpointer(pathlib.Path(workdir) / "checkpoints", create=False) as ck:
+        return ck.restore(step, abstract_state=abstract)[1]
+
+
 def _assert_same_run(cut, full):
     """Bitwise: the final parameters (HF export), sampler state in the last checkpoint, and
     every untimed metric of every step."""
     a = (pathlib.Path(cut) / "final_model" / "model.safetensors").read_bytes()
     b = (pathlib.Path(full) / "final_model" / "model.safetensors").read_bytes()
     assert a == b, "the resumed run's parameters differ from the uninterrupted run's"
-    ma = Checkpointer(pathlib.Path(cut) / "checkpoints", create=False).restore_meta(STEPS)
-    mb = Checkpointer(pathlib.Path(full) / "checkpoints", create=False).restore_meta(STEPS)
+    ma, mb = _checkpoint_meta(cut, STEPS), _checkpoint_meta(full, STEPS)
     for key in ("task_sampler", "batch_sampler"):
         assert ma[key] == mb[key], key
     ra, rb = _rows(cut), _rows(full)

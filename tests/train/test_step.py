@@ -103,6 +103,23 @@ def test_microbatches_do_not_change_the_update():
     _assert_all_close(outs)
 
 
+def test_microbatches_do_not_change_the_loss_metrics():
+    """Aux terms combine over micro-batches as sums, ratio extremes as min / max."""
+    b = jax.tree.map(jnp.asarray, _batch(seed=3))
+    got = []
+    for micro in (1, 2, 4):
+        cfg = StepConfig(microbatches=micro, num_minibatches=2, epochs=2, logprob_chunk=4)
+        parts, tx, state = _setup(cfg)
+        _, metrics = make_train_step(parts, tx, cfg)(state, b)
+        got.append({k: float(v) for k, v in metrics.items() if k.startswith("loss/")})
+    assert {"loss/ratio_min", "loss/ratio_max", "loss/clip_frac_low"} <= set(got[0])
+    assert got[0]["loss/ratio_min"] < 1.0 < got[0]["loss/ratio_max"]  # epoch 2 moved the ratios
+    for other in got[1:]:
+        assert other.keys() == got[0].keys()
+        for k in got[0]:
+            np.testing.assert_allclose(other[k], got[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_non_finite_update_is_skipped_and_counted():
     cfg = StepConfig(logprob_chunk=4)
     parts, tx, state = _setup(cfg)
