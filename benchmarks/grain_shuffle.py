@@ -35,7 +35,7 @@ def _per_record(read_epoch, n: int, repeats: int = 3) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 1000, 10000])
     ap.add_argument("--out", type=pathlib.Path)
     args = ap.parse_args(argv)

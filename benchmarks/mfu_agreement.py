@@ -30,7 +30,7 @@ import train_step_throughput  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

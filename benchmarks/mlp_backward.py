@@ -47,7 +47,7 @@ FORMS = {"einsum_4d": einsum4, "matmul_2d": matmul2d, "two_matmuls": two_matmuls
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--tokens", type=int, default=4096, help="rows x sequence length")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)

@@ -43,7 +43,7 @@ def _time_per_draw(draw, logp, repeats: int) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 256])
     ap.add_argument("--top-k", type=int, default=50)

@@ -34,7 +34,7 @@ VOCAB = 8192
 
 
 def _args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step (P)")
     ap.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
     ap.add_argument("--prompt-len", type=int, default=32)
