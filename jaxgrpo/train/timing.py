@@ -16,8 +16,9 @@ Within it:
 - ``verify``: the verifier calls (the stage's intervals, see :meth:`StageClock.timed`);
 - ``update``: from the end of the rollout to the end of the update (advantages, batch assembly
   and transfer, the jitted step);
-- ``eval`` and ``checkpoint``: the periodic evaluation and checkpoint after the update (they fall
-  in the next step's interval, and are reported with the step that ran them).
+- ``eval`` and ``checkpoint``: the periodic evaluation and checkpoint after the update, from the
+  end of the update (they may be called while it still runs, and then wait for it); they fall in
+  the next step's interval, and are reported with the step that ran them.
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ class StageClock:
         done = rec["done"]["t"]
         begin = rec["start"] if self._last_done is None else self._last_done
         self._last_done = done
-        spans = {s: sum(max(0.0, b - max(a, begin)) for a, b in rec["intervals"][s])
+        # An evaluation or checkpoint after the update may start before the update is done
+        # (it then waits for the new state): only its time after the update counts.
+        after = {"verify": begin, "rollout": begin, "update": begin, "eval": done,
+                 "checkpoint": done}
+        spans = {s: sum(max(0.0, b - max(a, after[s])) for a, b in rec["intervals"][s])
                  for s in STAGES}
         rollout_end = rec["rollout_end"]
         return {

@@ -71,6 +71,23 @@ def test_stage_times_follow_an_overlapped_timeline():
     # step 1 owns 6-12: its rollout counts from 6 (not from its start at 4), less the verifier
     assert t1 == {"time/rollout_s": 2.0, "time/verify_s": 1.0, "time/update_s": 3.0,
                   "time/eval_s": 1.5, "time/checkpoint_s": 0.0, "time/step_s": 6.0}
+    # step 2: a checkpoint called at 15, while update 2 runs (done at 16), waits for it
+    sc.begin(2)
+    now[0] = 14.5
+    sc.rollout_done()
+    out2 = _Ready()
+    sc.dispatched(out2)
+    now[0] = 15.0
+
+    def save():
+        now[0] = 16.0
+        out2.event.set()
+        sc._steps[2]["watch"].join()  # the update ends at 16 ...
+        now[0] = 17.0  # ... and the checkpoint writes until 17
+
+    sc.timed("checkpoint", save)()
+    t2 = sc.times(2)
+    assert t2["time/update_s"] == 1.5 and t2["time/checkpoint_s"] == 1.0  # not 2.0: no overlap
     with pytest.raises(ValueError, match="stage must be one of"):
         sc.timed("sleep", lambda: None)
 
