@@ -21,3 +21,9 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 from tests.fake_gcs import fake_gcs  # noqa: E402,F401  (the offline gs:// fixture)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): pytest-xdist hands tests out in collection order, so a
+    slow test collected last would run alone on one worker at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
