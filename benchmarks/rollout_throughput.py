@@ -3,12 +3,24 @@
 Usage (from the repository root):
     PYTHONPATH=$PWD python benchmarks/rollout_throughput.py [--batches 1 16 256] [--repeats 3]
     PYTHONPATH=$PWD python benchmarks/rollout_throughput.py --engines [--requests 256 ...]
+    PYTHONPATH=$PWD python benchmarks/rollout_throughput.py --tunix-venv TUNIX_VENV \
+        [--tunix-batch 256 --prompt 32 --new-tokens 64 --repeats 3] [--out FILE]
 
 ``--engines`` compares the static sampler with the paged engine instead (one run, JSON):
 completion lengths made geometric (mean ``--mean-len``) by an EOS logit bias, useful tokens/s at
 budget ``--budget`` for both engines, the paged engine's tokens/s at budgets ``--budget-small``
 and ``--budget-large``, and the KV memory of ``--mem-prompts`` x G ``--mem-group`` rows
 (prompt ``--mem-prompt``, budget ``--mem-budget``) from the compiled programs' memory analysis.
+
+``--tunix-venv`` runs fixed-length decode side by side with Tunix's vanilla sampler instead
+(``tunix.generate.sampler.Sampler``; the environment holds ``pip install google-tunix==0.1.7``):
+``--tunix-batch`` prompts of ``--prompt`` random tokens, ``--new-tokens`` sampled tokens each
+(temperature 1, no top-k/top-p, no EOS), by the static and the paged engine in this process and
+by Tunix in ``benchmarks/tunix_worker.py`` under that environment's python, on the same weights
+(``ModelConfig.bench29m()`` exported with ``save_hf`` and loaded by Tunix's Qwen2 loader; the
+worker checks the logits). Each side compiles in a warm-up call first; then ``--repeats`` rounds
+run the three in turn (the order rotates each round) and the JSON holds tokens/s of each from
+the median times, the ratios, and the machine's load averages before and after.
 
 Prints one JSON object. Every throughput is reported with its achieved model FLOP/s as a fraction
 of the float32 matmul peak (2048^3 jitted matmul, median) measured in the same run, because
@@ -23,7 +35,11 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
+import pathlib
 import statistics
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -32,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgrpo.model import ModelConfig, Transformer
+from jaxgrpo.model.hf import save_hf
 from jaxgrpo.rollout import PagedOptions, generate_functional
 from jaxgrpo.rollout import engine as engine_lib
 from jaxgrpo.rollout import sampler as sampler_lib
@@ -271,6 +288,187 @@ def engines_main(args):
     print(json.dumps(out, indent=1))
 
 
+# ---- side by side with Tunix's vanilla sampler -------------------------------------------------
+
+TUNIX_PREFIX = "TUNIX-WORKER "  # benchmarks/tunix_worker.py writes its protocol lines with it
+TUNIX_WORKER = pathlib.Path(__file__).resolve().with_name("tunix_worker.py")
+
+
+class WorkerError(RuntimeError):
+    """The Tunix worker ended or answered with an error."""
+
+
+class TunixWorker:
+    """``benchmarks/tunix_worker.py`` as a subprocess under another environment's python, spoken
+    to one JSON line at a time (protocol in that file's docstring); its stderr goes to a
+    temporary file whose tail is quoted when it fails."""
+
+    def __init__(self, cmd, *, env=None):
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, text=True, bufsize=1, env=env)
+
+    def _stderr_tail(self, n=3000):
+        self._err.seek(0)
+        return self._err.read()[-n:]
+
+    def read(self) -> dict:
+        """The next protocol message (other stdout lines are skipped)."""
+        for line in self.proc.stdout:
+            if not line.startswith(TUNIX_PREFIX):
+                continue
+            msg = json.loads(line[len(TUNIX_PREFIX):])
+            if "error" in msg:
+                raise WorkerError(f"the Tunix worker refused a request: {msg['error']}")
+            return msg
+        code = self.proc.wait()
+        raise WorkerError(f"the Tunix worker ended (exit {code}) without answering; its "
+                          f"stderr ends:\n{self._stderr_tail()}")
+
+    def request(self, msg: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            code = self.proc.wait()
+            raise WorkerError(f"the Tunix worker ended (exit {code}); its stderr ends:\n"
+                              f"{self._stderr_tail()}") from None
+        return self.read()
+
+    def close(self) -> int:
+        """Ask the worker to exit; kill it if it has not within 60 s. Returns its status."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
+
+def tunix_python(venv) -> str:
+    """The python of the Tunix environment; a clear error when there is none."""
+    py = pathlib.Path(venv) / "bin" / "python"
+    if not (py.is_file() and os.access(py, os.X_OK)):
+        raise ValueError(f"--tunix-venv {venv}: no executable {py} (create the environment with "
+                         "python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)")
+    return str(py)
+
+
+def _time_ours(graphdef, state, tokens, seed, *, engine, paged, new_tokens):
+    mask = np.ones_like(tokens, bool)
+    t0 = time.perf_counter()
+    out = generate_functional(graphdef, state, tokens, mask, jax.random.key(seed), num_samples=1,
+                              max_new_tokens=new_tokens, temperature=1.0, eos_ids=(),
+                              engine=engine, paged=paged, buckets=(tokens.shape[1],))
+    jax.block_until_ready(out.tokens)
+    t = time.perf_counter() - t0
+    if int(np.asarray(out.lengths).min()) != new_tokens:
+        raise RuntimeError(f"engine {engine!r}: a row ended before {new_tokens} tokens")
+    return t
+
+
+def _fixed_decode_flops(cfg, batch, prompt_len, new_tokens):
+    """Model FLOPs of one fixed-length call: the prompt's forward (unembedding at its last
+    position only) and ``new_tokens - 1`` decode steps (the last sampled token is not fed back),
+    counted as in the module docstring."""
+    body = cfg.matmul_params - cfg.vocab_size * cfg.hidden_size
+    prefill = (2.0 * body * batch * prompt_len + 2.0 * cfg.vocab_size * cfg.hidden_size * batch
+               + batch * _attn_flops(cfg, np.arange(1, prompt_len + 1)))
+    steps = new_tokens - 1
+    decode = (2.0 * cfg.matmul_params * batch * steps
+              + batch * _attn_flops(cfg, prompt_len + 1 + np.arange(steps)))
+    return prefill + decode
+
+
+def tunix_main(args, python, *, worker_cmd=None):
+    """Fixed-length decode: the static and paged engines against Tunix's vanilla sampler."""
+    cfg = ModelConfig.bench29m()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    b, tp, tn = args.tunix_batch, args.prompt, args.new_tokens
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (b, tp), 2, cfg.vocab_size,
+                                           jnp.int32))
+    paged = PagedOptions(max_slots=b, steps_per_sync=args.steps_per_sync)
+    load_before = os.getloadavg()
+    peak_before = matmul_peak(5)
+    n_ref = min(4, b)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        save_hf(model, tmp / "model")
+        np.save(tmp / "prompts.npy", tokens)
+        np.save(tmp / "ref_logits.npy", np.asarray(model(jnp.asarray(tokens[:n_ref]))[:, -1]))
+        cmd = worker_cmd or [python, str(TUNIX_WORKER)]
+        cmd = [*cmd, "--model-dir", str(tmp / "model"), "--prompts", str(tmp / "prompts.npy"),
+               "--ref-logits", str(tmp / "ref_logits.npy"), "--new-tokens", str(tn)]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        worker = TunixWorker(cmd, env=env)
+        try:
+            run = {
+                "static": functools.partial(_time_ours, graphdef, state, tokens, engine="static",
+                                            paged=None, new_tokens=tn),
+                "paged": functools.partial(_time_ours, graphdef, state, tokens, engine="paged",
+                                           paged=paged, new_tokens=tn),
+            }
+            warm = {name: fn(seed=0) for name, fn in run.items()}  # compiles
+            ready = worker.read()  # the worker compiled in its own warm-up call
+            if ready.get("params") != cfg.num_params:
+                raise WorkerError(f"parameter counts differ: Tunix {ready.get('params')}, "
+                                  f"jaxgrpo {cfg.num_params}")
+            if not ready.get("logits_max_abs_diff", np.inf) <= 1e-4:
+                raise WorkerError("Tunix's model does not reproduce jaxgrpo's logits (max abs "
+                                  f"diff {ready.get('logits_max_abs_diff')}): weights differ")
+            rounds = []
+            names = ["static", "paged", "tunix"]
+            for r in range(args.repeats):
+                order = names[r % 3:] + names[:r % 3]
+                row = {"order": order}
+                for name in order:
+                    if name == "tunix":
+                        msg = worker.request({"cmd": "round", "seed": r + 1})
+                        row["tunix_core"], row["tunix_call"] = msg["core_s"], msg["call_s"]
+                    else:
+                        row[name] = run[name](seed=r + 1)
+                rounds.append(row)
+                print(json.dumps({"progress": r, **row}), flush=True)
+        finally:
+            code = worker.close()
+    if code != 0:
+        raise WorkerError(f"the Tunix worker exited with status {code}")
+    peak_after = matmul_peak(5)
+    flops = _fixed_decode_flops(cfg, b, tp, tn)
+    sides = ("static", "paged", "tunix_core", "tunix_call")
+    median_s = {k: statistics.median(row[k] for row in rounds) for k in sides}
+    tps = {k: b * tn / median_s[k] for k in sides}
+    ratios = {f"{ours}_over_{t}": tps[ours] / tps[t] for ours in ("static", "paged")
+              for t in ("tunix_core", "tunix_call")}
+    per_round = {f"{ours}_over_tunix_core": statistics.median(row["tunix_core"] / row[ours]
+                                                             for row in rounds)
+                 for ours in ("static", "paged")}
+    return {"config": "ModelConfig.bench29m()", "params": cfg.num_params, "dtype": "float32",
+            "devices": str(jax.devices()), "jax": jax.__version__, "batch": b, "prompt": tp,
+            "new_tokens": tn, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+            "eos": "off (jaxgrpo: eos_ids=(); Tunix: eos_tokens=[-1], an id no token has)",
+            "paged": dataclasses.asdict(paged), "tunix": ready,
+            "warmup_s": {**warm, "tunix_core_plus_call": ready.get("warmup_s")},
+            "rounds": rounds, "median_seconds": median_s, "tokens_per_s": tps,
+            "ratios": ratios, "per_round_median_ratios": per_round,
+            "model_flops_per_call": flops,
+            "f32_matmul_peak_flops_before_after": [peak_before, peak_after],
+            "flops_fraction_of_peak": {k: flops / median_s[k] / max(peak_before, peak_after)
+                                       for k in sides},
+            "best_over_tunix_core": max(ratios["static_over_tunix_core"],
+                                        ratios["paged_over_tunix_core"]),
+            # the machine's 1/5/15-minute load averages (other users' jobs included)
+            "loadavg_before_after": [load_before, os.getloadavg()], "cpu_count": os.cpu_count()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--engines", action="store_true",
@@ -295,7 +493,27 @@ def main(argv=None):
     ap.add_argument("--train-seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)  # --engines: use 1 (slow runs)
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--tunix-venv", default=None,
+                    help="fixed-length decode side by side with Tunix in this environment")
+    ap.add_argument("--tunix-batch", type=int, default=256)
+    ap.add_argument("--out", default=None, help="--tunix-venv: also write the JSON here")
     args = ap.parse_args(argv)
+    if args.tunix_venv is not None:
+        if args.engines:
+            raise SystemExit("--tunix-venv and --engines are separate benchmarks: pass one")
+        for k in ("tunix_batch", "prompt", "new_tokens", "repeats", "steps_per_sync"):
+            if getattr(args, k) < 1:
+                raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+        try:
+            python = tunix_python(args.tunix_venv)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        out = tunix_main(args, python)
+        text = json.dumps(out, indent=1)
+        print(text)
+        if args.out:
+            pathlib.Path(args.out).write_text(text + "\n")
+        return out
     if args.engines:
         if args.requests % args.group:
             ap.error(f"--requests ({args.requests}) must be a multiple of --group ({args.group})")
