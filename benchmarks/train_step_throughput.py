@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
     PYTHONPATH=$PWD python benchmarks/train_step_throughput.py [--rows 16] [--seq 256] [--repeats 3]
-        [--preset bench29m|demo] [--real-frac 1.0] [--epochs 1]
+        [--preset bench29m|demo] [--real-frac 1.0] [--epochs 1] [--peak-flops F]
 
 Runs ``jaxgrpo.train.step.make_train_step`` (the code ``jaxgrpo train`` runs: forward + backward
 through the chunked log-probs and the clipped loss, AdamW; the old log-probs by a separate
@@ -10,7 +10,8 @@ forward pass only when it is not the loss pass, ``StepConfig.old_logp_forward``)
 29.4M-parameter Qwen2-shaped benchmark config (or the demo's model with the demo tokenizer's
 vocabulary), and prints one JSON object with tokens/s and model FLOP utilisation against the
 float32 matmul peak measured in the same run by the trainer's own
-``jaxgrpo.train.loop.measure_matmul_peak``.
+``jaxgrpo.train.loop.measure_matmul_peak`` (or against ``--peak-flops``, to compare with a run's
+logged ``perf/peak_flops`` on one denominator).
 
 ``mfu`` counts model FLOPs as the trainer's ``perf/update_mfu`` does: ``2 * N_matmul`` per real
 token and forward pass, ``StepConfig.forward_passes`` passes (3 per epoch). ``--real-frac``
@@ -48,9 +49,13 @@ def main(argv=None):
     ap.add_argument("--real-frac", type=float, default=1.0,
                     help="fraction of each row's tokens that are real (the rest left padding)")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--peak-flops", type=float, default=None,
+                    help="the MFU denominator (FLOP/s); default: measured here")
     args = ap.parse_args(argv)
     if not 0 < args.real_frac <= 1:
         raise SystemExit(f"--real-frac must be in (0, 1], got {args.real_frac}")
+    if args.peak_flops is not None and not args.peak_flops > 0:
+        raise SystemExit(f"--peak-flops must be positive, got {args.peak_flops}")
 
     if args.preset == "demo":
         import tempfile
@@ -80,7 +85,8 @@ def main(argv=None):
         sequence_weights=jnp.ones((n,), jnp.float32),
         task_ids=jnp.zeros((n,), jnp.int32),
     )
-    peak = measure_matmul_peak()
+    measured_peak = measure_matmul_peak()
+    peak = args.peak_flops if args.peak_flops is not None else measured_peak
     state = init_train_state(params, tx, 0, with_ref=False)
     state, m = step(state, batch)  # compile
     jax.block_until_ready(m)
@@ -103,7 +109,8 @@ def main(argv=None):
         "forward_passes": passes,
         "step_s": dt,
         "tokens_per_s": tokens / dt,
-        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_gflops": peak / 1e9,  # the MFU denominator
+        "measured_matmul_peak_gflops": measured_peak / 1e9,
         "mfu": passes * 2.0 * cfg.matmul_params * tokens / dt / peak,
         "mfu_with_attention": passes * (2.0 * cfg.matmul_params + attn_flops) * tokens / dt / peak,
         "loss_finite": bool(np.isfinite(float(m["loss/total"]))),
