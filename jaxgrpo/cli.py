@@ -12,7 +12,8 @@ import os
 import sys
 import traceback
 
-# sub-command -> (module that defines ``add_arguments(parser)`` and ``run(args) -> int``, help)
+# sub-command -> (module that defines ``add_arguments(parser)`` and ``run(args) -> int``, and
+# optionally ``prepare_argv(argv) -> argv`` to reorder its arguments before parsing; help)
 COMMANDS = {
     "train": ("jaxgrpo.train.cli_train", "train a policy (no config: the built-in demo)"),
     "sft": ("jaxgrpo.train.cli_sft", "supervised warm start on gold answers"),
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = build_parser(argv)
+    prepare = getattr(module, "prepare_argv", None)  # a command may reorder its own arguments
+    if prepare is not None:
+        argv = [argv[0], *prepare(argv[1:])]
     args = parser.parse_args(argv)
     if module is None:
         parser.print_help()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -298,3 +299,18 @@ def test_verifier_memory_limit_reaches_the_scorer():
     assert loop._scorer(C.ExperimentConfig()).keywords == {"memory_mb": 4096}
     with pytest.raises(ConfigError, match="tasks.verifier_memory_mb"):
         load_config(None, ["tasks.verifier_memory_mb=-1"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_measured_or_says_why_it_is_a_template(path):
+    """A CPU preset's header quotes what it measured and the command that measured it; any other
+    config says it does not run on a CPU. Every results file a header names is committed."""
+    head = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    comment = " ".join(line.lstrip("# ") for line in head)
+    template = re.search(r"not runnable on (a|the 2-core) CPU", comment, re.IGNORECASE)
+    measured = "as measured" in comment and ("preset_run.py" in comment or "time make demo"
+                                             in comment or "bae_experiment.py" in comment)
+    assert template or measured, f"{path.name}: neither measured nor marked a template"
+    assert template or "not yet measured" not in comment
+    for ref in re.findall(r"benchmarks/results/[\w./-]+", comment):
+        assert (ROOT / ref.rstrip(".")).exists(), f"{path.name} names {ref}, not committed"

@@ -1,4 +1,4 @@
-"""``jaxgrpo train [CONFIG] [overrides] [--resume]``: RL training (no config: the built-in demo)."""
+"""``jaxgrpo train [CONFIG] [overrides] [--resume [auto]]``: RL training (no config: the built-in demo)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,37 @@ from jaxgrpo.train.cli_common import add_config_arguments, fail, load
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                        metavar="auto",
                         help="continue from the latest checkpoint in the run's directory; "
                         "'--resume auto' does so when there is one and starts a fresh run "
-                        "otherwise (for restarts after a preemption)")
+                        "otherwise (for restarts after a preemption). It may stand anywhere: "
+                        "'--resume CONFIG' and 'CONFIG --resume auto key=value' both work")
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Move every ``--resume`` (with its ``auto``, if any) behind the config and overrides.
+
+    ``--resume`` takes an optional value, so argparse alone reads ``--resume CONFIG`` as the
+    value ``CONFIG`` (an invalid choice) and stops at ``CONFIG --resume auto key=value``
+    (the override is left over). Only the word ``auto`` right after ``--resume`` is its value;
+    everything else keeps its order. Arguments after ``--`` are left alone.
+    """
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept, resume, i = [], [], 0
+    while i < end:
+        a = argv[i]
+        if a == "--resume":
+            resume.append(a)
+            if i + 1 < end and argv[i + 1] == "auto":
+                resume.append("auto")
+                i += 1
+        elif a.startswith("--resume="):
+            resume.append(a)
+        else:
+            kept.append(a)
+        i += 1
+    return kept + resume + argv[end:]
 
 
 def run(args) -> int:

@@ -107,6 +107,53 @@ def test_resume_with_nothing_to_resume_is_an_error(tmp_path):
     assert _snapshot(half) == before
 
 
+@pytest.mark.parametrize("where", ["before the config", "between config and overrides"])
+def test_resume_flag_may_come_before_the_config(where, tmp_path):
+    """`--resume CONFIG` is the flag then the config (argparse alone took CONFIG as its value,
+    an invalid choice), and `CONFIG --resume key=value` keeps the overrides."""
+    fresh = tmp_path / "fresh"
+    config = str(ROOT / "configs" / "demo.yaml")
+    rest = [*TINY, f"train.workdir={fresh}"]
+    argv = (["--resume", config, *rest] if where == "before the config"
+            else [config, "--resume", *rest])
+    out = _cli("train", *argv, cwd=tmp_path)
+    _one_line_error(out, "--resume", "nothing to resume", str(fresh))
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("argv,config_args,resume", [
+    (["--resume", "c.yaml", "a=1"], ["c.yaml", "a=1"], True),
+    (["c.yaml", "--resume", "a=1", "b=2"], ["c.yaml", "a=1", "b=2"], True),
+    (["c.yaml", "a=1", "--resume"], ["c.yaml", "a=1"], True),
+    (["--resume", "auto", "c.yaml", "a=1"], ["c.yaml", "a=1"], "auto"),
+    (["c.yaml", "--resume", "auto", "a=1"], ["c.yaml", "a=1"], "auto"),
+    (["c.yaml", "a=1", "--resume", "auto"], ["c.yaml", "a=1"], "auto"),
+    (["--resume=auto", "c.yaml"], ["c.yaml"], "auto"),
+    (["--resume", "a=1"], ["a=1"], True),
+    (["--resume"], [], True),
+    (["auto"], ["auto"], False),
+    (["c.yaml"], ["c.yaml"], False),
+])
+def test_resume_parses_wherever_it_stands(argv, config_args, resume):
+    """Every spelling of `--resume [auto]`, at any position, as `jaxgrpo train` parses it."""
+    from jaxgrpo import cli
+    from jaxgrpo.train import cli_train
+
+    full = ["train", *argv]
+    parser, module = cli.build_parser(full)
+    args = parser.parse_args(["train", *cli_train.prepare_argv(argv)])
+    assert module is cli_train
+    assert args.config_args == config_args
+    assert args.resume == resume
+
+
+def test_resume_with_another_value_is_refused(tmp_path):
+    out = _cli("train", "--resume=latest", "configs/demo.yaml", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "invalid choice: 'latest'" in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv", [
     ["train", "--resum"],
     ["eval", "--ru", "x"],
