@@ -233,7 +233,8 @@ def kv_memory(cfg, graphdef, state, *, prompts, group, prompt_len, budget, slots
         rnd = engine_lib._round_jit.lower(
             graphdef, st, [pool] * cfg.num_layers, i32(sl, width), i32(sl), i32(sl),
             sds((sl,), bool), i32(sl), i32(sl), i32(sl), i32(sl), i32(sl), jax.random.key(0),
-            i32(), sds((), jnp.float32), eos, sds((), jnp.float32), steps=opts.steps_per_sync,
+            i32(), i32(), sds((), jnp.float32), eos, sds((), jnp.float32),
+            steps=opts.steps_per_sync,
             max_new_tokens=budget, top_k=0, top_p=1.0, greedy=False,
             pages_per_block=opts.pages_per_block).compile().memory_analysis()
         kv = engine_lib.kv_bytes(opts, cfg, num_samples=group, prompt_bucket=prompt_len,
@@ -263,7 +264,8 @@ def engines_main(args):
     out = {"config": "ModelConfig.bench29m()", "params": cfg.num_params, "dtype": "float32",
            "devices": str(jax.devices()), "eos_logit_bias": bias,
            "length_distribution": f"geometric, mean {args.mean_len} (EOS logit bias)",
-           "prompt": args.prompt, "group": args.group}
+           "prompt": args.prompt, "group": args.group,
+           "load_average_1_5_15_min_at_start": list(os.getloadavg())}
     run = functools.partial(run_engine, graphdef, state, tokens, key, group=args.group,
                             bias=bias, repeats=args.repeats)
     static = run(engine="static", budget=args.budget, paged=None)
@@ -285,6 +287,7 @@ def engines_main(args):
                                      group=args.mem_group, prompt_len=args.mem_prompt,
                                      budget=args.mem_budget,
                                      slots=(args.mem_prompts * args.mem_group, args.slots))
+    out["load_average_1_5_15_min_at_end"] = list(os.getloadavg())
     print(json.dumps(out, indent=1))
 
 

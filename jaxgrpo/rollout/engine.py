@@ -5,6 +5,10 @@ fixed number of decode *slots* (``PagedOptions.max_slots``). Each device call (a
 up to ``steps_per_sync`` decode steps of every live slot in a ``lax.while_loop``; between rounds
 the host frees the slots and pages of finished requests and admits waiting requests into free
 slots, so a short completion does not wait for the longest one and idle rows do not step.
+A round runs only the live slots, gathered into the smallest *row bucket* (``size_buckets``:
+8, 16, 32, ... up to ``max_slots`` rows) that holds them; once nothing waits, a round ends as
+soon as the live slots fit the next smaller bucket, so the rows of finished requests stop
+computing (the static sampler steps all ``P * G`` rows until the longest one ends).
 
 KV cache: one page pool per layer, ``[num_pages, page_size, 2*Hkv, Dh]`` with the keys of KV
 head ``j`` at index ``2j`` and its values at ``2j + 1`` (the layout of the TPU
@@ -18,9 +22,9 @@ pages are freed when its last sample ends. The pool holds ``ceil(Tn / page_size)
 per slot plus the pages of ``min(max_slots, ceil(max_slots / G) + 2)`` live prompts, so the
 memory follows the slot count, not ``P * G``.
 
-Attention: ``paged_decode_attention`` loops over blocks of ``pages_per_block`` pages with a
-dynamic trip count, the longest filled length among the live slots, so a step costs what the
-filled pages need, not the budget. Prompt prefill uses the model's own cache-free attention.
+Attention: ``paged_decode_attention`` loops over blocks of ``pages_per_block`` pages (default
+one) with a dynamic trip count, the longest filled length among the live slots, so a step costs
+what the filled pages need, not the budget. Prompt prefill uses the model's own cache-free attention.
 
 Randomness: the token at completion position ``i`` of request ``(p, g)`` is drawn with the key
 ``fold_in(fold_in(fold_in(key, p), g), i)``, so the tokens do not depend on the slot count, the
@@ -28,8 +32,10 @@ order of admission or the other requests. (The static sampler in ``jaxgrpo.rollo
 draws one key per step for the whole batch, so sampled, non-greedy, tokens differ between the
 two engines; greedy tokens and the meaning of the log-probs are the same.)
 
-Compilation: three programs (prefill, round, pool allocation) whose shapes depend on the slot
-count, the page size, the prompt bucket and the budget only, never on the request mix.
+Compilation: a round program per row bucket, a prefill program per prefill bucket and the pool
+allocation, whose shapes depend on the slot count, the page size, the prompt bucket and the
+budget only, never on the request mix; all of them are compiled on the first call (a round
+with no live row runs no step), so a later request mix compiles nothing.
 """
 
 from __future__ import annotations
@@ -57,14 +63,16 @@ class PagedOptions:
         max_slots: decode slots (sequences decoded at once).
         steps_per_sync: decode steps per device call (host round trip).
         page_size: tokens per KV page.
-        pages_per_block: pages per attention block (the unit of the ragged loop).
-        prefill_batch: prompts per prefill call (0: ``min(16, ceil(max_slots / G))``).
+        pages_per_block: pages per attention block (the unit of the ragged loop). One page (16
+            tokens) is the fastest on CPU: a larger block gathers a working set of ``max_slots x
+            block`` keys and values that leaves the cache.
+        prefill_batch: prompts per prefill call at most (0: ``min(16, ceil(max_slots / G))``).
     """
 
     max_slots: int = 64
     steps_per_sync: int = 32
     page_size: int = 16
-    pages_per_block: int = 8
+    pages_per_block: int = 1
     prefill_batch: int = 0
 
     def __post_init__(self):
@@ -85,7 +93,7 @@ def _dtype(cfg):
 
 
 def paged_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *,
-                           pages_per_block: int = 8):
+                           pages_per_block: int = 1):
     """One query per sequence against its paged keys and values.
 
     ``out[s, n] = sum_t softmax_t(<q[s, n], k[s, t]> / sqrt(Dh)) v[s, t]`` over the
@@ -190,14 +198,15 @@ _ROUND_STATIC = ("graphdef", "steps", "max_new_tokens", "top_k", "top_p", "greed
 
 @functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("pools",))
 def _round_jit(graphdef, state, pools, page_table_SxM, pos_S, last_S, active_S, count_S, uid_S,
-               gidx_S, copy_src_S, copy_dst_S, key, refill_at, temperature, eos_E, eos_bias, *,
-               steps, max_new_tokens, top_k, top_p, greedy, pages_per_block):
+               gidx_S, copy_src_S, copy_dst_S, key, refill_at, shrink_at, temperature, eos_E,
+               eos_bias, *, steps, max_new_tokens, top_k, top_p, greedy, pages_per_block):
     """Up to ``steps`` decode steps of every active slot.
 
     Slot ``s`` holds ``pos[s]`` tokens in its pages and feeds ``last[s]`` at position ``pos[s]``;
     it has emitted ``count[s]`` completion tokens. First the pages ``copy_src`` are copied onto
     ``copy_dst`` (the copy-on-write of partial prompt pages; 0 -> 0 where none). The loop stops
-    after ``steps`` steps, when no slot is active, or once ``refill_at`` slots have finished.
+    after ``steps`` steps, when no slot is active, once ``refill_at`` slots have finished, or
+    once at most ``shrink_at`` slots are active (the host then moves them to fewer rows).
 
     Returns ``(pools, tokens [S, steps], logprobs [S, steps], count [S], active [S], steps run)``;
     slot ``s`` emitted its tokens at columns ``0..count_new - count_old - 1``.
@@ -237,7 +246,8 @@ def _round_jit(graphdef, state, pools, page_table_SxM, pos_S, last_S, active_S, 
     def cond(carry):
         i, _, _, _, active, _, _, _ = carry
         n_active = jnp.sum(active.astype(jnp.int32))
-        return (i < steps) & (n_active > 0) & (n_active0 - n_active < refill_at)
+        return ((i < steps) & (n_active > 0) & (n_active0 - n_active < refill_at)
+                & (n_active > shrink_at))
 
     def body(carry):
         i, pools, pos, last, active, count, tok_out, lp_out = carry
@@ -276,6 +286,26 @@ def _stop_at(completion, upto, stop_sequences):
     return best
 
 
+def _take_rows(a, idx, b):
+    """Rows ``idx`` of ``a`` then zero (inactive) rows, ``b`` in all."""
+    out = np.zeros((b,) + a.shape[1:], a.dtype)
+    out[:len(idx)] = a[idx]
+    return out
+
+
+_WARMED: set = set()  # signatures whose round and prefill programs are compiled
+
+
+def size_buckets(n: int, smallest: int = 8) -> tuple[int, ...]:
+    """Batch sizes the engine compiles for up to ``n`` rows: the powers of two from
+    ``smallest`` below ``n``, then ``n``."""
+    out, b = [], smallest
+    while b < n:
+        out.append(b)
+        b *= 2
+    return (*out, n)
+
+
 def pool_pages(options: PagedOptions, *, num_samples: int, prompt_bucket: int,
                max_new_tokens: int) -> int:
     """Pages of each layer's pool (page 0, the scratch page, included)."""
@@ -310,13 +340,41 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
     prompt_budget = live_prompts * mp
     num_pages = pool_pages(options, num_samples=g_count, prompt_bucket=tb, max_new_tokens=tn)
     pf = options.prefill_batch or min(16, -(-sl // g_count))
+    row_buckets, pf_buckets = size_buckets(sl), size_buckets(pf)
     kh, dh = model_cfg.num_kv_heads, model_cfg.head_dim
     pools = _init_pools(num_layers=model_cfg.num_layers, shape=(num_pages, ps, 2 * kh, dh),
                         dtype=_dtype(model_cfg))
+    round_static = dict(steps=steps, max_new_tokens=tn, top_k=int(top_k), top_p=float(top_p),
+                        greedy=bool(greedy), pages_per_block=options.pages_per_block)
 
     eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
     eos_E[:len(eos_ids)] = eos_ids
     eos_set = set(eos_ids)
+    temp = np.float32(1.0 if greedy else temperature)
+
+    def run_round(page_table_r, pos_r, last_r, active_r, count_r, uid_r, gidx_r, src_r,
+                  dst_r, refill_at, shrink_at):
+        nonlocal pools
+        pools, *out = _round_jit(graphdef, state, pools, page_table_r, pos_r, last_r, active_r,
+                                 count_r, uid_r, gidx_r, src_r, dst_r, key, np.int32(refill_at),
+                                 np.int32(shrink_at), temp, eos_E, np.float32(eos_logit_bias),
+                                 **round_static)
+        return out
+
+    # Compile every row bucket's round and every prefill size on first use (a round with no
+    # active row runs no step, a prefill of empty prompts writes the scratch page only), so
+    # that no later request mix compiles anything.
+    sig = (graphdef, num_pages, ps, kh, dh, str(_dtype(model_cfg)), width, tb, mp,
+           tuple(sorted(round_static.items())), len(eos_E))
+    if sig not in _WARMED:
+        for b in row_buckets:
+            z = np.zeros(b, np.int32)
+            run_round(np.zeros((b, width), np.int32), z, z, np.zeros(b, bool), z, z, z, z, z,
+                      1, 0)
+        for b in pf_buckets:
+            pools = _prefill_jit(graphdef, state, pools, np.full((b, tb), pad_id, np.int32),
+                                 np.zeros(b, np.int32), np.zeros((b, mp), np.int32))
+        _WARMED.add(sig)
 
     free_pages = list(range(num_pages - 1, 0, -1))
     prompt_pages: dict[int, list[int]] = {}
@@ -341,7 +399,7 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
     out_len = np.zeros(n_req, np.int32)
     ended = np.zeros(n_req, bool)  # EOS or stop sequence within the budget
     next_req = 0
-    n_rounds = n_steps = n_prefill = n_prefilled = 0
+    n_rounds = n_steps = n_row_steps = n_prefill = n_prefilled = 0
     t_round = t_prefill = 0.0
 
     def release_prompt(p):
@@ -387,9 +445,10 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
         t0 = time.perf_counter()
         for c in range(0, len(to_prefill), pf):
             chunk = to_prefill[c:c + pf]
-            ptok = np.full((pf, tb), pad_id, np.int32)
-            plen = np.zeros(pf, np.int32)
-            ppages = np.zeros((pf, mp), np.int32)
+            b = next(x for x in pf_buckets if x >= len(chunk))
+            ptok = np.full((b, tb), pad_id, np.int32)
+            plen = np.zeros(b, np.int32)
+            ppages = np.zeros((b, mp), np.int32)
             for i, p in enumerate(chunk):
                 lp = int(lens[p]) - 1
                 ptok[i, :lp] = prompts[p][:lp]
@@ -410,36 +469,42 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
                 own_pages[s].append(page)
                 n_row_pages[s] += 1
         t0 = time.perf_counter()
-        refill_at = (sl + 1) if next_req >= n_req else max(1, min(n_req - next_req, sl // 8))
-        pools, tok_r, lp_r, count_r, active_r, i_r = _round_jit(
-            graphdef, state, pools, page_table, pos, last, active, count, uid, gidx,
-            copy_src, copy_dst, key, np.int32(refill_at),
-            np.float32(1.0 if greedy else temperature), eos_E, np.float32(eos_logit_bias),
-            steps=steps, max_new_tokens=tn, top_k=int(top_k), top_p=float(top_p),
-            greedy=bool(greedy), pages_per_block=options.pages_per_block)
+        waiting = n_req - next_req
+        refill_at = (sl + 1) if not waiting else max(1, min(waiting, sl // 8))
+        # The live slots run in the smallest row bucket that holds them: a round stops once
+        # they fit the next smaller bucket (nothing waiting), so finished rows stop computing.
+        rows_idx = np.flatnonzero(active)
+        b = next(x for x in row_buckets if x >= len(rows_idx))
+        smaller = [x for x in row_buckets if x < b]
+        shrink_at = smaller[-1] if smaller and not waiting else 0
+        tok_r, lp_r, count_r, active_r, i_r = run_round(
+            *(_take_rows(a, rows_idx, b) for a in (page_table, pos, last, active, count, uid,
+                                                   gidx, copy_src, copy_dst)),
+            refill_at, shrink_at)
         tok_r, lp_r, count_r, active_r = (np.asarray(a) for a in (tok_r, lp_r, count_r,
                                                                    active_r))
         n_rounds += 1
         n_steps += int(i_r)
+        n_row_steps += b * int(i_r)
         t_round += time.perf_counter() - t0
         for p in np.flatnonzero((admitted == g_count) & (remaining > 0)):
             lp = int(lens[p]) - 1
             if lp % ps and p not in partial_freed:  # every sample holds its own copy now
                 free_pages.append(prompt_pages[p][-1])
                 partial_freed.add(p)
-        for s in np.flatnonzero(active):
+        for j, s in enumerate(rows_idx):
             n = slot_req[s]
-            c0, c1 = int(count[s]), int(count_r[s])
-            out_tok[n, c0:c1] = tok_r[s, :c1 - c0]
-            out_lp[n, c0:c1] = lp_r[s, :c1 - c0]
+            c0, c1 = int(count[s]), int(count_r[j])
+            out_tok[n, c0:c1] = tok_r[j, :c1 - c0]
+            out_lp[n, c0:c1] = lp_r[j, :c1 - c0]
             stop = _stop_at(out_tok[n], c1, stop_sequences) if stop_sequences else None
             if stop is not None and stop < c1:
                 out_tok[n, stop + 1:] = pad_id
                 out_lp[n, stop + 1:] = 0.0
                 out_len[n], ended[n], done = stop + 1, True, True
             else:
-                eos = c1 > c0 and int(tok_r[s, c1 - c0 - 1]) in eos_set
-                done = (not active_r[s]) or c1 >= tn
+                eos = c1 > c0 and int(tok_r[j, c1 - c0 - 1]) in eos_set
+                done = (not active_r[j]) or c1 >= tn
                 out_len[n], ended[n] = c1, eos
             if done:
                 free_pages.extend(own_pages[s])
@@ -452,10 +517,11 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
                 active[s] = False
             else:
                 pos[s] += c1 - c0
-                last[s] = tok_r[s, c1 - c0 - 1] if c1 > c0 else last[s]
+                last[s] = tok_r[j, c1 - c0 - 1] if c1 > c0 else last[s]
                 count[s] = c1
     if stats is not None:
-        stats.update(rounds=n_rounds, decode_steps=n_steps, prefill_calls=n_prefill,
+        stats.update(rounds=n_rounds, decode_steps=n_steps, row_steps=n_row_steps,
+                     useful_row_steps=int(out_len.sum()), prefill_calls=n_prefill,
                      prefilled_prompts=n_prefilled, pool_pages=num_pages, page_size=ps,
                      max_slots=sl, pages_in_use_at_end=num_pages - 1 - len(free_pages),
                      round_seconds=t_round, prefill_seconds=t_prefill)
@@ -481,4 +547,5 @@ def kv_bytes(options: PagedOptions, model_cfg, *, num_samples, prompt_bucket,
             * model_cfg.head_dim * itemsize)
 
 
-__all__ = ["PagedOptions", "generate_paged", "kv_bytes", "paged_decode_attention", "pool_pages"]
+__all__ = ["PagedOptions", "generate_paged", "kv_bytes", "paged_decode_attention", "pool_pages",
+           "size_buckets"]

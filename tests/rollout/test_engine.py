@@ -237,10 +237,14 @@ def test_prompts_prefilled_once_and_every_page_freed(model):
     assert stats["pool_pages"] == 1 + 8 * 4 + 3 * 4
 
 
-def test_second_call_with_another_prompt_mix_compiles_nothing(model):
-    kw = dict(num_samples=3, max_new_tokens=TN, eos_ids=(5,), engine="paged", paged=SMALL,
+@pytest.mark.parametrize("opts", [SMALL, PagedOptions(max_slots=16, page_size=4)],
+                         ids=["one_row_bucket", "row_buckets_8_16"])
+def test_second_call_with_another_prompt_mix_compiles_nothing(model, opts):
+    # With 16 slots the first call's 3 requests fit the 8-row bucket, the second call's 15
+    # need the 16-row one: every bucket is compiled on the first call whatever its mix.
+    kw = dict(num_samples=3, max_new_tokens=TN, eos_ids=(5,), engine="paged", paged=opts,
               buckets=BUCKETS)
-    generate(model, *_prompts([3, 12, 7]), jax.random.key(0), **kw)
+    generate(model, *_prompts([3]), jax.random.key(0), **kw)
     compiles = []
 
     def listener(event, duration, **_):
@@ -256,6 +260,38 @@ def test_second_call_with_another_prompt_mix_compiles_nothing(model):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert (engine_mod._round_jit._cache_size(), engine_mod._prefill_jit._cache_size()) == sizes
     assert compiles == []
+
+
+def test_size_buckets():
+    assert engine_mod.size_buckets(3) == (3,)
+    assert engine_mod.size_buckets(8) == (8,)
+    assert engine_mod.size_buckets(64) == (8, 16, 32, 64)
+    assert engine_mod.size_buckets(100) == (8, 16, 32, 64, 100)
+
+
+def test_finished_rows_leave_the_batch(model):
+    """Once nothing waits, the live slots run in the smallest row bucket that holds them: the
+    rows computed stay within 2x the useful ones (plus the 8-row floor), far below
+    ``max_slots`` x steps, and the tokens are those of a run with 3 slots."""
+    tokens, mask = _prompts([3, 9, 14, 1, 6, 11, 2, 8], seed=5)
+    graphdef, state = nnx.split(model)
+    kw = dict(num_samples=8, max_new_tokens=TN, temperature=1.0, top_k=0, top_p=1.0,
+              eos_ids=(5, 17), stop_sequences=(), greedy=False, pad_id=0, buckets=BUCKETS,
+              eos_logit_bias=2.5)
+    stats = {}
+    r = engine_mod.generate_paged(graphdef, state, tokens, mask, jax.random.key(3),
+                                  options=PagedOptions(max_slots=64, page_size=4), stats=stats,
+                                  **kw)
+    lengths = np.asarray(r.lengths)
+    assert lengths.min() < 4 and lengths.max() == TN  # a spread of lengths
+    assert stats["useful_row_steps"] == lengths.sum()
+    assert stats["row_steps"] < 0.6 * 64 * stats["decode_steps"]
+    assert stats["row_steps"] <= 2 * stats["useful_row_steps"] + 8 * stats["decode_steps"]
+    ref = engine_mod.generate_paged(graphdef, state, tokens, mask, jax.random.key(3),
+                                    options=SMALL, **kw)
+    np.testing.assert_array_equal(np.asarray(r.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(r.logprobs), np.asarray(ref.logprobs), atol=1e-5,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("bad,match", [
