@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = build_parser(argv)
-    prepare = getattr(module, "prepare_argv", None)  # a command may reorder its own arguments
-    if prepare is not None:
-        argv = [argv[0], *prepare(argv[1:])]
+    if hasattr(module, "prepare_argv"):  # a command may reorder its own arguments
+        argv = [argv[0], *module.prepare_argv(argv[1:])]
     args = parser.parse_args(argv)
     if module is None:
         parser.print_help()
