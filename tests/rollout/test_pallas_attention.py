@@ -1,0 +1,150 @@
+"""Decode attention on every platform: the Pallas TPU kernel's adapter (checked on CPU through
+the kernel's own pure-JAX reference, and compiled deviceless for a TPU), the platform choice,
+and the engine's decode round traced for a TPU."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+from jaxgrpo.model import ModelConfig, Transformer
+from jaxgrpo.rollout import engine as engine_mod
+from jaxgrpo.rollout.engine import (
+    decode_attention,
+    kernel_decode_args,
+    kernel_decode_attention,
+    paged_decode_attention,
+)
+from tests.rollout.test_engine import _numpy_paged_reference, _paged_case
+
+# GQA 4 query heads per KV head; lengths 0, 1, partial, full, ragged.
+# (The kernel's reference runs eagerly, one compile per op and length: the others are slow.)
+CASES = [dict(seed=0),
+         pytest.param(dict(seed=3, s=6, h=8, kh=2, dh=16, ps=8, m=4, num_pages=30),
+                      marks=pytest.mark.slow),
+         pytest.param(dict(seed=4, s=4, h=2, kh=1, dh=8, ps=4, m=6, num_pages=25),
+                      marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_reference_through_the_adapter_equals_paged_and_numpy(case):
+    q, pool, table, lengths = _paged_case(**case)
+    if case.get("s", 5) > 5:
+        lengths = np.array([0, 1, 9, 32, 17, 5], np.int32)
+    ref = _numpy_paged_reference(q, pool, table, lengths)
+    # The kernel's reference slices the queries at cu_q_lens[i] and loops over num_seqs in
+    # Python: it runs eagerly only, on the adapter's converted arguments.
+    via_kernel_ref = np.asarray(kernel_decode_attention(q, pool, table, lengths,
+                                                        kernel=ref_ragged_paged_attention))
+    ours = np.asarray(jax.jit(paged_decode_attention)(q, pool, table, lengths))
+    np.testing.assert_allclose(via_kernel_ref, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours, via_kernel_ref, atol=1e-5, rtol=0)
+    assert (via_kernel_ref[lengths == 0] == 0).all()
+
+
+def test_kernel_decode_args():
+    table = np.arange(12, dtype=np.int32).reshape(3, 4)
+    kv_lens, pages, cu_q, num_seqs = jax.jit(kernel_decode_args)(table, np.array([0, 5, 16]))
+    np.testing.assert_array_equal(kv_lens, [1, 5, 16])  # the kernel needs kv_len >= q_len
+    np.testing.assert_array_equal(pages, table)
+    np.testing.assert_array_equal(cu_q, [0, 1, 2, 3])
+    np.testing.assert_array_equal(num_seqs, [3])
+    assert all(a.dtype == np.int32 for a in (kv_lens, pages, cu_q, num_seqs))
+
+
+def test_kernel_supports():
+    assert engine_mod.kernel_supports(8, 4, 128, np.float32) is None
+    assert engine_mod.kernel_supports(14, 2, 128, jax.numpy.bfloat16) is None
+    assert "head_dim 64" in engine_mod.kernel_supports(14, 2, 64, jax.numpy.bfloat16)
+    assert "does not tile" in engine_mod.kernel_supports(6, 3, 128, np.float32)
+
+
+def test_decode_attention_picks_the_pure_jax_path_off_tpu():
+    q, pool, table, lengths = _paged_case(seed=5)
+    ref = _numpy_paged_reference(q, pool, table, lengths)
+    for impl in ("auto", "jax"):
+        out = jax.jit(lambda *a, impl=impl: decode_attention(*a, impl=impl,
+                                                             pages_per_block=2))(q, pool,
+                                                                                 table, lengths)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+    assert engine_mod.trace_platform() == "cpu"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        decode_attention(q, pool, table, lengths, impl="flash")
+    with pytest.raises(ValueError, match="PagedOptions.attention must be one of"):
+        engine_mod.PagedOptions(attention="flash")
+
+
+# ---- deviceless TPU compilation --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tpu_device():
+    from jaxgrpo.train import aot
+
+    try:
+        devices = aot.topology_devices("v5p:2x2x1")
+    except Exception as exc:  # libtpu missing or unusable
+        pytest.skip(f"TPU compilation unavailable: {exc}")
+    return devices[0]
+
+
+def _abstract(shape, dtype, device):
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(device))
+
+
+def test_auto_attention_compiles_the_pallas_kernel_for_tpu(tpu_device):
+    s, h, kh, dh, ps, m, pages = 16, 8, 4, 128, 16, 8, 160
+    args = (_abstract((s, h, dh), np.float32, tpu_device),
+            _abstract((pages, ps, 2 * kh, dh), np.float32, tpu_device),
+            _abstract((s, m), np.int32, tpu_device), _abstract((s,), np.int32, tpu_device))
+    with jax.default_device(tpu_device):
+        assert engine_mod.trace_platform() == "tpu"
+        lowered = jax.jit(decode_attention).lower(*args)
+        compiled = lowered.compile()
+    assert "tpu_custom_call" in lowered.as_text()
+    assert "ragged_paged_attention" in compiled.as_text()
+    # Shapes the kernel cannot take: "auto" keeps the pure-JAX loop, "pallas" refuses.
+    narrow = (_abstract((s, h, 64), np.float32, tpu_device),
+              _abstract((pages, ps, 2 * kh, 64), np.float32, tpu_device), *args[2:])
+    with jax.default_device(tpu_device):
+        assert "tpu_custom_call" not in jax.jit(decode_attention).lower(*narrow).as_text()
+        with pytest.raises(ValueError, match="head_dim 64 is not a multiple of 128"):
+            jax.jit(lambda *a: decode_attention(*a, impl="pallas")).lower(*narrow)
+    # The same interface off TPU has no custom call.
+    cpu_text = jax.jit(decode_attention).lower(
+        *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)).as_text()
+    assert "tpu_custom_call" not in cpu_text
+
+
+@pytest.mark.slow
+def test_engine_decode_round_compiles_with_the_kernel_for_tpu(tpu_device):
+    """The engine's whole round program (tiny model, 8 slots) traced for a TPU uses the
+    kernel in every layer and compiles."""
+    cfg = ModelConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=128, dtype="bfloat16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    sl, ps, width, pages = 8, 16, 4, 40
+
+    def ab(x):
+        return _abstract(np.shape(x), x.dtype, tpu_device)
+
+    i32 = _abstract((sl,), np.int32, tpu_device)
+    pools = [_abstract((pages, ps, 2 * cfg.num_kv_heads, cfg.head_dim), jax.numpy.bfloat16,
+                       tpu_device) for _ in range(cfg.num_layers)]
+    args = (jax.tree.map(ab, state), pools, _abstract((sl, width), np.int32, tpu_device),
+            i32, i32, _abstract((sl,), bool, tpu_device), i32, i32, i32, i32, i32,
+            _abstract((2,), jax.numpy.uint32, tpu_device), _abstract((), np.int32, tpu_device),
+            _abstract((), np.int32, tpu_device), _abstract((), np.float32, tpu_device),
+            _abstract((4,), np.int32, tpu_device), _abstract((), np.float32, tpu_device))
+    static = dict(steps=4, max_new_tokens=32, top_k=0, top_p=1.0, greedy=False,
+                  pages_per_block=1, attention="auto")
+    with jax.default_device(tpu_device):
+        lowered = engine_mod._round_jit.lower(graphdef, *args, **static)
+        compiled = lowered.compile()
+    text = lowered.as_text()
+    assert "tpu_custom_call" in text
+    assert text.count("call @ragged_paged_attention(") == cfg.num_layers
+    assert compiled.memory_analysis() is not None
