@@ -193,6 +193,9 @@ def kernel_decode_args(page_table_SxM, lengths_S):
             jnp.full((1,), s, jnp.int32))
 
 
+_KERNEL_KV_BUFFER_BYTES = 8 << 20
+
+
 def kernel_supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
     """Why ``ragged_paged_attention`` cannot take these shapes, or None when it can: the head
     width must be a multiple of the 128 TPU lanes and the ``2*Hkv`` combined heads must tile
@@ -219,7 +222,9 @@ def kernel_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *, ker
     ``ref_ragged_paged_attention``, which runs anywhere but only outside ``jit``). Block sizes
     default to the kernel's own untuned defaults (128 pages, 32 queries, capped by the page-table
     width and ``S``), given explicitly because its tuned-table lookup asks the current device's
-    kind, which a deviceless compile cannot answer.
+    kind, which a deviceless compile cannot answer; the page block is also capped so that the
+    kernel's double-buffered key/value block stays within 8 MiB of the scoped VMEM (a
+    ``[pages, 16, 16, 128]`` float32 pool with 128 pages per block runs out of it on v5p).
 
     Returns:
         ``[S, H, Dh]`` in ``q``'s dtype; exactly 0 for a sequence of length 0.
@@ -232,12 +237,18 @@ def kernel_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *, ker
     scale = float(dh) ** -0.5
     if kernel is None:
         from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
-            ragged_paged_attention,
+            kernel as rpa,
         )
 
-        out = ragged_paged_attention(
+        if num_kv_pages_per_block is None:
+            _, kv_heads_blk = rpa.get_min_heads_per_blk(q_SxHxDh.shape[1], kv_pool.shape[2],
+                                                        q_SxHxDh.dtype, q_SxHxDh.dtype)
+            page_bytes = kv_pool.shape[1] * kv_heads_blk * dh * q_SxHxDh.dtype.itemsize
+            num_kv_pages_per_block = max(1, min(m, 128,
+                                                _KERNEL_KV_BUFFER_BYTES // (2 * page_bytes)))
+        out = rpa.ragged_paged_attention(
             q_SxHxDh, kv_pool.astype(q_SxHxDh.dtype), *args, sm_scale=scale,
-            num_kv_pages_per_block=num_kv_pages_per_block or min(m, 128),
+            num_kv_pages_per_block=num_kv_pages_per_block,
             num_queries_per_block=num_queries_per_block or min(s, 32))
     else:
         out = kernel(q_SxHxDh, kv_pool.astype(q_SxHxDh.dtype), *args, sm_scale=scale)

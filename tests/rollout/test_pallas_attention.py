@@ -118,6 +118,19 @@ def test_auto_attention_compiles_the_pallas_kernel_for_tpu(tpu_device):
     assert "tpu_custom_call" not in cpu_text
 
 
+def test_kernel_page_block_fits_the_scoped_vmem(tpu_device):
+    """A float32 pool of 8 KV heads x 128 and a 128-page table: the kernel's default block of
+    128 pages double-buffers 16 MiB of keys and values and does not compile; the adapter's
+    capped block does."""
+    s, h, kh, dh, ps, m = 256, 32, 8, 128, 16, 128
+    args = (_abstract((s, h, dh), np.float32, tpu_device),
+            _abstract((s * m + 1, ps, 2 * kh, dh), np.float32, tpu_device),
+            _abstract((s, m), np.int32, tpu_device), _abstract((s,), np.int32, tpu_device))
+    with jax.default_device(tpu_device):
+        compiled = jax.jit(decode_attention).lower(*args).compile()
+    assert "ragged_paged_attention" in compiled.as_text()
+
+
 @pytest.mark.slow
 def test_engine_decode_round_compiles_with_the_kernel_for_tpu(tpu_device):
     """The engine's whole round program (tiny model, 8 slots) traced for a TPU uses the
