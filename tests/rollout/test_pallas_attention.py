@@ -161,3 +161,51 @@ def test_engine_decode_round_compiles_with_the_kernel_for_tpu(tpu_device):
     assert "tpu_custom_call" in text
     assert text.count("call @ragged_paged_attention(") == cfg.num_layers
     assert compiled.memory_analysis() is not None
+
+
+@pytest.mark.slow
+def test_compile_builds_the_paged_round_with_the_kernel_for_a_pod_config(tmp_path):
+    """``jaxgrpo compile``'s programs for a pod config with ``rollout.engine: paged`` include the
+    paged engine's round on one chip, with the kernel in every layer; the report's figures are
+    one chip's."""
+    import json
+
+    from jaxgrpo import sharding as shd
+    from jaxgrpo.config import load_config
+    from jaxgrpo.train import aot
+    from tests.train.test_compile import TINY_HF
+
+    try:
+        devices = aot.topology_devices("v5p:2x2x2")
+    except Exception as exc:  # libtpu missing or unusable
+        pytest.skip(f"TPU compilation unavailable: {exc}")
+    hf = dict(TINY_HF, hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
+              head_dim=128, num_hidden_layers=2)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = load_config(None, [f"model.hf_config={tmp_path / 'config.json'}", "model.preset=null",
+                             "model.dtype=bfloat16", "rollout.engine=paged",
+                             "rollout.max_slots=16", "rollout.steps_per_sync=4",
+                             "rollout.prompt_buckets=[32]", "rollout.max_new_tokens=32",
+                             "rollout.group_size=4", "tasks.prompts_per_step=8",
+                             "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+                      check_paths=False)
+    mesh = shd.make_mesh(cfg.mesh, devices=devices)
+    mcfg, _ = aot.model_config(cfg)
+    (prog,), _ = aot.build_programs(cfg, mcfg, mesh, aot.task_names(cfg), ("paged_round",))
+    assert prog.mesh.size == 1
+    with jax.set_mesh(mesh), jax.default_device(devices[0]), jax.set_mesh(prog.mesh):
+        lowered = prog.trace().lower()
+        compiled = lowered.compile()
+    text = lowered.as_text()
+    assert "tpu_custom_call" in text
+    assert text.count("call @ragged_paged_attention(") == mcfg.num_layers
+    rep = aot.analyse(compiled, devices=1, device_info={"bf16_flops": 1e15,
+                                                        "hbm_bandwidth": 1e12,
+                                                        "hbm_bytes": 1 << 36})
+    assert rep["total_bytes_per_chip"] > 0
+    # The static engine's configs build no such program.
+    static = load_config(None, [f"model.hf_config={tmp_path / 'config.json'}",
+                                "model.preset=null", "mesh.data=1", "mesh.fsdp=4",
+                                "mesh.tensor=2"], check_paths=False)
+    progs, _ = aot.build_programs(static, mcfg, mesh, aot.task_names(static), ("paged_round",))
+    assert progs == []
