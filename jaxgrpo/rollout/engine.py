@@ -22,9 +22,13 @@ pages are freed when its last sample ends. The pool holds ``ceil(Tn / page_size)
 per slot plus the pages of ``min(max_slots, ceil(max_slots / G) + 2)`` live prompts, so the
 memory follows the slot count, not ``P * G``.
 
-Attention: ``paged_decode_attention`` loops over blocks of ``pages_per_block`` pages (default
+Attention: ``decode_attention`` is one interface chosen by platform at trace time. Off TPU it is
+``paged_decode_attention``, a pure-JAX loop over blocks of ``pages_per_block`` pages (default
 one) with a dynamic trip count, the longest filled length among the live slots, so a step costs
-what the filled pages need, not the budget. Prompt prefill uses the model's own cache-free attention.
+what the filled pages need, not the budget. Traced for a TPU it is jax's Pallas
+``ragged_paged_attention`` kernel (``kernel_decode_attention``: one query row per slot), which
+reads only each sequence's filled pages; ``PagedOptions.attention`` forces either. Prompt prefill
+uses the model's own cache-free attention.
 
 Randomness: the token at completion position ``i`` of request ``(p, g)`` is drawn with the key
 ``fold_in(fold_in(fold_in(key, p), g), i)``, so the tokens do not depend on the slot count, the
@@ -53,6 +57,7 @@ from jaxgrpo.model.transformer import rms_norm
 from jaxgrpo.rollout.sampler import Rollout, _sample, bucket_length
 
 _NEG = -1e30
+ATTENTION_IMPLS = ("auto", "jax", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,9 @@ class PagedOptions:
             tokens) is the fastest on CPU: a larger block gathers a working set of ``max_slots x
             block`` keys and values that leaves the cache.
         prefill_batch: prompts per prefill call at most (0: ``min(16, ceil(max_slots / G))``).
+        attention: decode attention, one of ``ATTENTION_IMPLS``: ``"auto"`` (the Pallas TPU
+            kernel when tracing for a TPU, the pure-JAX ragged loop elsewhere), ``"jax"`` or
+            ``"pallas"`` (forced; see :func:`decode_attention`).
     """
 
     max_slots: int = 64
@@ -74,8 +82,12 @@ class PagedOptions:
     page_size: int = 16
     pages_per_block: int = 1
     prefill_batch: int = 0
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"PagedOptions.attention must be one of {ATTENTION_IMPLS}, got "
+                             f"{self.attention!r}")
         for name in ("max_slots", "steps_per_sync", "page_size", "pages_per_block"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -155,6 +167,120 @@ def paged_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *,
     return out.reshape(s, h, dh).astype(dt)
 
 
+def trace_platform() -> str:
+    """The platform a computation traced now is lowered for: the ``jax.default_device``
+    in effect (a device or a platform name, as a deviceless TPU compile sets it), else the
+    default backend."""
+    dev = jax.config.jax_default_device
+    if dev is None:
+        return jax.default_backend()
+    return dev if isinstance(dev, str) else dev.platform
+
+
+def kernel_decode_args(page_table_SxM, lengths_S):
+    """The ``ragged_paged_attention`` arguments for one query token per sequence.
+
+    Returns ``(kv_lens [S], page_indices [S, M], cu_q_lens [S + 1], num_seqs [1])``, int32:
+    sequence ``s`` owns query row ``s`` (``cu_q_lens = 0, 1, ..., S``) and all ``S`` sequences
+    are live. The kernel needs ``kv_len >= q_len = 1``, so an empty sequence reads one token
+    (of whatever page its table names; the engine's idle rows name the scratch page) and
+    :func:`kernel_decode_attention` zeroes its output.
+    """
+    page_table_SxM = jnp.asarray(page_table_SxM, jnp.int32)
+    lengths_S = jnp.asarray(lengths_S, jnp.int32)
+    s = page_table_SxM.shape[0]
+    return (jnp.maximum(lengths_S, 1), page_table_SxM, jnp.arange(s + 1, dtype=jnp.int32),
+            jnp.full((1,), s, jnp.int32))
+
+
+_KERNEL_KV_BUFFER_BYTES = 8 << 20
+
+
+def kernel_supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
+    """Why ``ragged_paged_attention`` cannot take these shapes, or None when it can: the head
+    width must be a multiple of the 128 TPU lanes and the ``2*Hkv`` combined heads must tile
+    (1, 2, 4, 8 or a multiple of 8 rows of 32-bit words)."""
+    if head_dim % 128:
+        return f"head_dim {head_dim} is not a multiple of 128"
+    if num_heads % num_kv_heads:
+        return f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+    packing = 4 // jnp.dtype(dtype).itemsize
+    rows, rem = divmod(2 * num_kv_heads, packing)
+    if rem or not (rows in (1, 2, 4, 8) or rows % 8 == 0):
+        return f"2 * num_kv_heads = {2 * num_kv_heads} does not tile for {jnp.dtype(dtype).name}"
+    return None
+
+
+def kernel_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *, kernel=None,
+                            num_kv_pages_per_block: int | None = None,
+                            num_queries_per_block: int | None = None):
+    """:func:`paged_decode_attention` computed by ``ragged_paged_attention`` (jax's Pallas TPU
+    kernel over the same ``[num_pages, page_size, 2*Hkv, Dh]`` pool), one query per sequence.
+
+    The kernel visits, per sequence, only the pages its ``kv_len`` fills. It runs on TPU only;
+    ``kernel`` swaps in a function of the same signature (jax's
+    ``ref_ragged_paged_attention``, which runs anywhere but only outside ``jit``). Block sizes
+    default to the kernel's own untuned defaults (128 pages, 32 queries, capped by the page-table
+    width and ``S``), given explicitly because its tuned-table lookup asks the current device's
+    kind, which a deviceless compile cannot answer; the page block is also capped so that the
+    kernel's double-buffered key/value block stays within 8 MiB of the scoped VMEM (a
+    ``[pages, 16, 16, 128]`` float32 pool with 128 pages per block runs out of it on v5p).
+
+    Returns:
+        ``[S, H, Dh]`` in ``q``'s dtype; exactly 0 for a sequence of length 0.
+    """
+    q_SxHxDh, kv_pool = jnp.asarray(q_SxHxDh), jnp.asarray(kv_pool)
+    lengths_S = jnp.asarray(lengths_S, jnp.int32)
+    s, _, dh = q_SxHxDh.shape
+    m = page_table_SxM.shape[1]
+    args = kernel_decode_args(page_table_SxM, lengths_S)
+    scale = float(dh) ** -0.5
+    if kernel is None:
+        from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
+            kernel as rpa,
+        )
+
+        if num_kv_pages_per_block is None:
+            _, kv_heads_blk = rpa.get_min_heads_per_blk(q_SxHxDh.shape[1], kv_pool.shape[2],
+                                                        q_SxHxDh.dtype, q_SxHxDh.dtype)
+            page_bytes = kv_pool.shape[1] * kv_heads_blk * dh * q_SxHxDh.dtype.itemsize
+            num_kv_pages_per_block = max(1, min(m, 128,
+                                                _KERNEL_KV_BUFFER_BYTES // (2 * page_bytes)))
+        out = rpa.ragged_paged_attention(
+            q_SxHxDh, kv_pool.astype(q_SxHxDh.dtype), *args, sm_scale=scale,
+            num_kv_pages_per_block=num_kv_pages_per_block,
+            num_queries_per_block=num_queries_per_block or min(s, 32))
+    else:
+        out = kernel(q_SxHxDh, kv_pool.astype(q_SxHxDh.dtype), *args, sm_scale=scale)
+    return jnp.where((lengths_S > 0)[:, None, None], out, jnp.zeros_like(out))
+
+
+def decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S, *, impl: str = "auto",
+                     pages_per_block: int = 1):
+    """Decode attention over paged keys and values, one interface on every platform.
+
+    ``impl="auto"`` picks, at trace time (:func:`trace_platform`), the Pallas TPU kernel
+    (:func:`kernel_decode_attention`) when tracing for a TPU and the kernel takes the shapes
+    (:func:`kernel_supports`), else the pure-JAX ragged loop (:func:`paged_decode_attention`,
+    ``pages_per_block`` pages per block); ``"jax"`` and ``"pallas"`` force one (``"pallas"``
+    with shapes the kernel cannot take is a ``ValueError``). Both compute the same function
+    (see :func:`paged_decode_attention`).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"decode_attention: impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    h, dh = q_SxHxDh.shape[1:]
+    why = kernel_supports(h, kv_pool.shape[2] // 2, dh, q_SxHxDh.dtype)
+    if impl == "auto":
+        impl = "pallas" if trace_platform() == "tpu" and why is None else "jax"
+    if impl == "pallas":
+        if why is not None:
+            raise ValueError(f"decode_attention: the Pallas kernel cannot run here: {why} "
+                             "(use impl='jax')")
+        return kernel_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S)
+    return paged_decode_attention(q_SxHxDh, kv_pool, page_table_SxM, lengths_S,
+                                  pages_per_block=pages_per_block)
+
+
 def _interleave_kv(k_BxKxTxDh, v_BxKxTxDh):
     """``[B, T, 2*Hkv, Dh]`` with keys of head j at 2j and values at 2j + 1."""
     b, kh, t, dh = k_BxKxTxDh.shape
@@ -193,13 +319,14 @@ def _prefill_jit(graphdef, state, pools, tokens_BxT, lens_B, pages_BxM):
 
 
 _ROUND_STATIC = ("graphdef", "steps", "max_new_tokens", "top_k", "top_p", "greedy",
-                 "pages_per_block")
+                 "pages_per_block", "attention")
 
 
 @functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("pools",))
 def _round_jit(graphdef, state, pools, page_table_SxM, pos_S, last_S, active_S, count_S, uid_S,
                gidx_S, copy_src_S, copy_dst_S, key, refill_at, shrink_at, temperature, eos_E,
-               eos_bias, *, steps, max_new_tokens, top_k, top_p, greedy, pages_per_block):
+               eos_bias, *, steps, max_new_tokens, top_k, top_p, greedy, pages_per_block,
+               attention="auto"):
     """Up to ``steps`` decode steps of every active slot.
 
     Slot ``s`` holds ``pos[s]`` tokens in its pages and feeds ``last[s]`` at position ``pos[s]``;
@@ -236,8 +363,8 @@ def _round_jit(graphdef, state, pools, page_table_SxM, pos_S, last_S, active_S, 
         for layer, pool in zip(model.layers, pools, strict=True):
             q, k, vv = layer.qkv(x, pos_S[:, None], inv_freq)
             pool = pool.at[page_S, off_S].set(_interleave_kv(k, vv)[:, 0].astype(pool.dtype))
-            att = paged_decode_attention(q[:, 0], pool, page_table_SxM, lengths_S,
-                                         pages_per_block=pages_per_block)
+            att = decode_attention(q[:, 0], pool, page_table_SxM, lengths_S, impl=attention,
+                                   pages_per_block=pages_per_block)
             x = layer.out(x, att[:, None])
             new_pools.append(pool)
         h = rms_norm(x[:, 0], model.final_norm[...], cfg.rms_norm_eps, dt)
@@ -345,7 +472,8 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
     pools = _init_pools(num_layers=model_cfg.num_layers, shape=(num_pages, ps, 2 * kh, dh),
                         dtype=_dtype(model_cfg))
     round_static = dict(steps=steps, max_new_tokens=tn, top_k=int(top_k), top_p=float(top_p),
-                        greedy=bool(greedy), pages_per_block=options.pages_per_block)
+                        greedy=bool(greedy), pages_per_block=options.pages_per_block,
+                        attention=options.attention)
 
     eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
     eos_E[:len(eos_ids)] = eos_ids
@@ -547,5 +675,6 @@ def kv_bytes(options: PagedOptions, model_cfg, *, num_samples, prompt_bucket,
             * model_cfg.head_dim * itemsize)
 
 
-__all__ = ["PagedOptions", "generate_paged", "kv_bytes", "paged_decode_attention", "pool_pages",
-           "size_buckets"]
+__all__ = ["ATTENTION_IMPLS", "PagedOptions", "decode_attention", "generate_paged",
+           "kernel_decode_args", "kernel_decode_attention", "kernel_supports", "kv_bytes",
+           "paged_decode_attention", "pool_pages", "size_buckets", "trace_platform"]

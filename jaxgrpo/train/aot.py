@@ -18,6 +18,11 @@ trainer's own (built with the same constructors as :mod:`jaxgrpo.train.loop`):
   the whole ``Tp + max_new_tokens`` KV cache, the cache donated.
 - ``generate``: the whole sampler program (prefill, cache repeat, decode ``while_loop``); its
   memory is the real rollout peak.
+- ``paged_round`` (only with ``rollout.engine: paged``): one round of the paged engine
+  (``rollout.steps_per_sync`` decode steps of ``rollout.max_slots`` slots over its page pools,
+  :mod:`jaxgrpo.rollout.engine`), on ONE chip of the topology, as that engine runs on one
+  device; traced for a TPU, its decode attention is the Pallas ragged paged attention kernel
+  when the head width is a multiple of 128. The step estimate does not use it.
 
 For each program :func:`analyse` reads ``memory_analysis`` (per device: arguments, outputs,
 temporaries, code; ``total = argument + output - alias + temp + code``), ``cost_analysis``
@@ -29,6 +34,7 @@ stated assumptions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -54,7 +60,7 @@ from jaxgrpo.train.flops import hlo_matmul_flops, jaxpr_matmul_flops
 from jaxgrpo.train.state import ModelParts
 from jaxgrpo.train.step import make_train_step
 
-PROGRAMS = ("train_step", "reshard", "prefill", "decode", "generate")
+PROGRAMS = ("train_step", "reshard", "prefill", "decode", "generate", "paged_round")
 LIBTPU_HINT = "libtpu is not installed: install it with pip install 'jaxgrpo[tpu]'"
 
 
@@ -293,6 +299,7 @@ class Program:
     name: str
     note: str
     trace: object  # () -> jax.stages.Traced
+    mesh: object = None  # traced and lowered under this mesh instead of the pod's (one chip)
 
 
 def rows_per_round(cfg: ExperimentConfig, names, dp: int) -> int:
@@ -430,6 +437,39 @@ def build_programs(cfg: ExperimentConfig, mcfg: ModelConfig, mesh, names,
                 num_samples=g, max_new_tokens=tn, top_k=int(rc.top_k), top_p=float(rc.top_p),
                 stop_sequences=(), greedy=greedy, pad_id=0)))
 
+    if "paged_round" in only and rc.engine == "paged":
+        from jaxgrpo.rollout import engine as engine_lib
+
+        opts = loop.paged_options(rc, None)
+        # One chip, in a one-device mesh of the same axes (traced under it, not the pod's).
+        one_mesh = jax.sharding.Mesh(mesh.devices.flat[:1].reshape((1,) * mesh.devices.ndim),
+                                     mesh.axis_names)
+        one = NamedSharding(one_mesh, jax.sharding.PartitionSpec())
+        sl, ps = opts.max_slots, opts.page_size
+        pages = engine_lib.pool_pages(opts, num_samples=g, prompt_bucket=tp, max_new_tokens=tn)
+        width = -(-(tp + tn) // ps)
+        on_one = lambda x: sds(x.shape, x.dtype, sharding=one)
+        state1 = jax.tree.map(on_one, nnx.merge_state(params, rest))
+        pool_dt = jnp.bfloat16 if mcfg.dtype == "bfloat16" else jnp.float32
+        pools = [sds((pages, ps, 2 * mcfg.num_kv_heads, mcfg.head_dim), pool_dt, sharding=one)
+                 for _ in range(mcfg.num_layers)]
+        i32 = sds((sl,), jnp.int32, sharding=one)
+        scalar = lambda dt: sds((), dt, sharding=one)
+        round_args = (state1, pools, sds((sl, width), jnp.int32, sharding=one), i32, i32,
+                      sds((sl,), jnp.bool_, sharding=one), i32, i32, i32, i32, i32,
+                      on_one(key_in), scalar(jnp.int32), scalar(jnp.int32),
+                      scalar(jnp.float32), sds((4,), jnp.int32, sharding=one),
+                      scalar(jnp.float32))
+        round_static = dict(steps=opts.steps_per_sync, max_new_tokens=tn, top_k=int(rc.top_k),
+                            top_p=float(rc.top_p), greedy=greedy,
+                            pages_per_block=opts.pages_per_block, attention=opts.attention)
+        full_graphdef = nnx.graphdef(merged(params))
+        progs.append(Program(
+            "paged_round", f"one paged-engine round on ONE chip: {rc.steps_per_sync} steps of "
+            f"{sl} slots over {pages} pages of {ps} tokens per layer",
+            lambda: engine_lib._round_jit.trace(full_graphdef, *round_args, **round_static),
+            mesh=one_mesh))
+
     shapes = {"train_rows": n, "train_tokens_per_row": t, "prompts_per_call": r,
               "calls_per_round": calls, "prompts_per_round": rows_per_round(cfg, names, dp),
               "rollout_rows": nr, "cache_slots": s, "prompt_bucket": tp}
@@ -558,11 +598,13 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
             say(f"{prog.name}: tracing and lowering ({prog.note})")
             t0 = time.perf_counter()
             try:
-                with jax.default_device(devices[0]):
+                own_mesh = (jax.set_mesh(prog.mesh) if prog.mesh is not None
+                            else contextlib.nullcontext())
+                with jax.default_device(devices[0]), own_mesh:
                     traced = prog.trace()
                     # The sampler's decode loop stops when every row is done: its jaxpr cannot
                     # know the trip count the HLO bound gives, so it has no global figure.
-                    global_flops = (None if prog.name == "generate"
+                    global_flops = (None if prog.name in ("generate", "paged_round")
                                     else jaxpr_matmul_flops(traced.jaxpr))
                     lowered = traced.lower()
                 t1 = time.perf_counter()
@@ -582,7 +624,8 @@ def run(cfg: ExperimentConfig, topology: str, *, only=PROGRAMS, hbm_bytes: int |
                                                    "roofline_s")), "collectives": {}}
                 say(f"{prog.name}: {'does not fit' if oom else 'failed'} ({failure})")
                 continue
-            rep = analyse(compiled, devices=len(devices), device_info=info,
+            rep = analyse(compiled, devices=1 if prog.name == "paged_round" else len(devices),
+                          device_info=info,
                           global_matmul_flops=global_flops)
             rep.update(note=prog.note, compile_s=time.perf_counter() - t0,
                        lower_s=t1 - t0, out_of_memory=not rep["fits"])

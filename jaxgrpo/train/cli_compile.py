@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
     parser.add_argument("--programs", default=None, metavar="A,B",
                         help="compile only these (of train_step, reshard, prefill, decode, "
-                        "generate; default all)")
+                        "generate, paged_round: rollout.engine=paged only; default all)")
     parser.add_argument("--layers", type=int, default=None,
                         help="compile only the first N decoder layers (quicker; figures cover "
                         "those layers)")
