@@ -678,7 +678,7 @@ def _demo_rollout() -> RolloutConfig:
 
 
 def _demo_tasks() -> TasksConfig:
-    return TasksConfig(eval_prompts=32)
+    return TasksConfig(mixture="cpu-demo", eval_prompts=128)
 
 
 def _demo_optim() -> OptimConfig:
@@ -690,7 +690,7 @@ def _demo_checkpoint() -> CheckpointConfig:
 
 
 def _demo_train() -> TrainConfig:
-    return TrainConfig(steps=200, eval_every=0)
+    return TrainConfig(steps=400, eval_every=0)
 
 
 @dataclasses.dataclass(frozen=True)

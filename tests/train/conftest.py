@@ -23,6 +23,7 @@ def tiny_overrides(workdir, **extra):
         "train.steps": 4,
         "train.eval_every": 0,
         "model.sft.steps": 0,
+        "tasks.mixture": "demo",
         "tasks.prompts_per_step": 4,
         "tasks.eval_prompts": 2,
         "rollout.group_size": 2,
