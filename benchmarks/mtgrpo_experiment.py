@@ -75,6 +75,7 @@ def overrides(args, arm: str, seed: int, workdir: pathlib.Path) -> list[str]:
         "train.seed": seed,
         "train.steps": args.steps,
         "train.eval_every": args.eval_every,
+        "tasks.mixture": "demo",  # the experiment's mixture (not the built-in demo's)
         "tasks.eval_prompts": args.eval_prompts,
         "model.path": str(args.out / "sft_model"),  # replaces the demo preset
         "model.sft.steps": 0,
@@ -96,7 +97,7 @@ def warm_start(args) -> None:
     from jaxgrpo.config import load_config
     from jaxgrpo.train import loop
 
-    extra = [f"train.workdir={args.out / 'sft'}"]
+    extra = [f"train.workdir={args.out / 'sft'}", "tasks.mixture=demo"]
     if args.smoke:
         extra += [f"{k}={v}" for k, v in SMOKE.items()] + ["model.sft.steps=20"]
     cfg = load_config(None, extra)
