@@ -27,7 +27,7 @@ $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 ## Run the main job: the built-in demo (tiny model, SFT warm start, GRPO on 3 tasks).
 demo:
 	@echo "[make] jaxgrpo demo: set-up first (a virtualenv in $(VENV), skipped when present), \
-	then about 6 minutes of training on a 2-core CPU"
+	then about 7 minutes of training on a 2-core CPU"
 	@$(MAKE) --no-print-directory $(VENV)/.installed-base
 	$(BIN)/jaxgrpo train train.workdir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
