@@ -37,5 +37,5 @@ def tiny_overrides(workdir, **extra):
         "optim.warmup_steps": 0,
         "mesh.devices": 1,  # one of the 8 simulated devices (tests/multidevice runs meshes)
     }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    base.update(extra)  # a key given as None is left out (the config file's value stands)
+    return [f"{k}={v}" for k, v in base.items() if v is not None]

@@ -113,7 +113,8 @@ def test_cli_on_nano_model(nano_model, tmp_path, capsys):
 
     out = tmp_path / "fid.json"
     args = ["fidelity", "configs/bae_cpu_experiment.yaml", "model.preset=tiny",
-            *tiny_overrides(tmp_path / "run", **{"rollout.max_new_tokens": 20, "tasks.prompts_per_step": 8}),
+            *tiny_overrides(tmp_path / "run", **{"rollout.max_new_tokens": 20, "tasks.prompts_per_step": 8,
+                                                 "tasks.mixture": None}),
             "--prompts", "2", "--G", "2", "--M", "2", "--out", str(out)]
     assert cli.main(args) == 0
     res = json.loads(out.read_text())
