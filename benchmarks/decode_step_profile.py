@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -35,6 +35,9 @@ from flax import nnx
 
 from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.rollout import sampler as sampler_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import report  # noqa: E402
 
 
 def _median(fn, repeats):
@@ -112,11 +115,7 @@ def main(argv=None):
            "draw_share_categorical": t_cat / (t_fwd + t_cat),
            "draw_only_step_ratio": (t_fwd + t_cat) / (t_fwd + t_inv),
            "loadavg_before_after": [load_before, os.getloadavg()], "cpu_count": os.cpu_count()}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from jaxgrpo.train import loop
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import train_step_throughput  # noqa: E402
+from _report import report  # noqa: E402
 
 
 def main(argv=None):
@@ -61,11 +62,7 @@ def main(argv=None):
         # the machine's 1/5/15-minute load averages, before and after (other users' jobs too)
         "loadavg_before_after": [load_before, os.getloadavg()],
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,17 @@ the times relative to the 4-d einsum.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import report  # noqa: E402
 
 D, F = 512, 1536
 
@@ -81,11 +85,7 @@ def main(argv=None):
     base = out["forms"]["einsum_4d"]["fwd_bwd_s"]
     for v in out["forms"].values():
         v["time_vs_einsum_4d"] = v["fwd_bwd_s"] / base
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/train_step_throughput.py: its MFU against a given denominator, and the peak."""
 
 import importlib.util
+import json
 import pathlib
 import tempfile
 
@@ -37,3 +38,13 @@ def test_matmul_peak_is_the_fastest_call(monkeypatch):
     times = iter([0.0, 4.0, 10.0, 11.0, 20.0, 28.0])  # calls of 4 s, 1 s and 8 s
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(times))
     assert loop.measure_matmul_peak(n=8, repeats=3) == pytest.approx(2.0 * 8**3 / 1.0)
+
+
+def test_report_prints_and_writes_the_same_json(tmp_path, capsys):
+    report = _load("_report").report
+    path = tmp_path / "new" / "out.json"
+    report({"a": 1.5}, str(path))
+    printed = capsys.readouterr().out
+    assert printed == path.read_text() and json.loads(printed) == {"a": 1.5}
+    report({"b": 2}, None)  # no path: prints only
+    assert json.loads(capsys.readouterr().out) == {"b": 2}
