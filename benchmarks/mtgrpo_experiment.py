@@ -1,8 +1,8 @@
 """MT-GRPO at CPU scale: the paper's Exp. 1 protocol (arXiv 2602.05547 §6, App. D.2) on the demo mixture.
 
 Usage (from the repository root):
-    PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py [--out DIR] [--seeds 0 1 2 3 4]
-        [--steps 100] [--eval-every 20] [--jobs 2] [--arms grpo dapo ...]
+    PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py [--out DIR] [--seeds 0 1 2]
+        [--steps 200] [--eval-every 25] [--jobs 2] [--arms grpo dapo ...] [--mixture cpu-demo]
     PYTHONPATH=$PWD python benchmarks/mtgrpo_experiment.py --smoke --out /tmp/mt   (CI, ~1 min)
 
 What it does:
@@ -10,8 +10,8 @@ What it does:
    checkpoint under ``DIR/sft_model`` and shared by every run, so all arms start from the same
    policy.
 2. Every arm x seed runs ``jaxgrpo train`` (in its own process, ``--jobs`` at a time) from that
-   checkpoint on the built-in three-task mixture (reverse@1, addition@1, countdown@2) with the
-   demo's hyperparameters, evaluating every ``--eval-every`` steps on held-out prompts
+   checkpoint on the demo's mixture (``cpu-demo``: reverse@2, countdown@1, countdown@2; any
+   built-in mixture with ``--mixture``) with the demo's hyperparameters, evaluating every ``--eval-every`` steps on held-out prompts
    (``--eval-prompts`` per task x 8 samples at T = 1, mean@8 as in the paper). Arms:
 
    ==========  =======================================================================
@@ -24,9 +24,11 @@ What it does:
    grpo_rps    uniform weights held fixed + the ratio-preserving sampler
    ==========  =======================================================================
 
-3. Writes ``DIR/results.json`` (every run's eval curve, final per-task accuracy, rounds and
-   completions generated per step, wall time), ``DIR/table.md`` (final worst-task and average
-   accuracy, mean and spread over seeds; steps to reach worst-task thresholds) and
+3. Writes ``DIR/results.json`` (every run's eval curve with the completion tokens generated up
+   to each evaluation, final per-task accuracy, rounds and prompts generated per step, wall
+   time), ``DIR/table.md`` (final worst-task and average accuracy, mean ± SE over seeds; each
+   arm's worst-task difference to DAPO and to GRPO with its SE; steps and generated tokens to
+   worst-task thresholds, as ratios to DAPO's) and
    ``DIR/worst_task.png``; prints the table.
 
 A run whose ``summary.json`` exists is not repeated: rerunning the command after an
@@ -75,7 +77,7 @@ def overrides(args, arm: str, seed: int, workdir: pathlib.Path) -> list[str]:
         "train.seed": seed,
         "train.steps": args.steps,
         "train.eval_every": args.eval_every,
-        "tasks.mixture": "demo",  # the experiment's mixture (not the built-in demo's)
+        "tasks.mixture": args.mixture,
         "tasks.eval_prompts": args.eval_prompts,
         "model.path": str(args.out / "sft_model"),  # replaces the demo preset
         "model.sft.steps": 0,
@@ -97,7 +99,7 @@ def warm_start(args) -> None:
     from jaxgrpo.config import load_config
     from jaxgrpo.train import loop
 
-    extra = [f"train.workdir={args.out / 'sft'}", "tasks.mixture=demo"]
+    extra = [f"train.workdir={args.out / 'sft'}", f"tasks.mixture={args.mixture}"]
     if args.smoke:
         extra += [f"{k}={v}" for k, v in SMOKE.items()] + ["model.sft.steps=20"]
     cfg = load_config(None, extra)
@@ -134,10 +136,14 @@ def summarise_run(arm, seed, workdir: pathlib.Path, before: dict, seconds: float
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     tasks = sorted(before)
     curve = {0: dict(before)}
+    tokens = {0: 0.0}  # completion tokens generated (every round) up to and including a step
+    total = 0.0
     for r in rows:
+        total += r.get("rollout/tokens", 0.0)
         acc = {t: r[f"eval/{t}/accuracy"] for t in tasks if f"eval/{t}/accuracy" in r}
         if len(acc) == len(tasks):
             curve[int(r["step"])] = acc
+            tokens[int(r["step"])] = total
     steps = [r for r in rows if "rps/rounds" in r]
 
     def mean(key):  # over the steps that logged it (a task may be absent from a small batch)
@@ -146,7 +152,9 @@ def summarise_run(arm, seed, workdir: pathlib.Path, before: dict, seconds: float
 
     return {
         "arm": arm, "seed": seed, "seconds": seconds, "tasks": tasks,
-        "curve": [{"step": s, "accuracy": curve[s]} for s in sorted(curve)],
+        "curve": [{"step": s, "accuracy": curve[s], "generated_tokens": tokens[s]}
+                  for s in sorted(curve)],
+        "generated_tokens": total,
         "rounds_per_step": mean("rps/rounds"),
         "generated_per_step": mean("rps/generated"),
         "hit_cap_frac": mean("rps/hit_cap"),
@@ -197,7 +205,7 @@ def run_all(args) -> None:
 
 
 def _passthrough(args) -> list[str]:
-    out = ["--out", str(args.out), "--steps", str(args.steps), "--eval-every",
+    out = ["--out", str(args.out), "--mixture", args.mixture, "--steps", str(args.steps), "--eval-every",
            str(args.eval_every), "--eval-prompts", str(args.eval_prompts)]
     return out + (["--smoke"] if args.smoke else [])
 
@@ -213,12 +221,18 @@ def average(acc: dict) -> float:
     return float(np.mean(list(acc.values())))
 
 
-def steps_to(curve: list[dict], threshold: float) -> int | None:
-    """The first evaluated step whose worst-task accuracy reaches ``threshold`` (None: never)."""
+def steps_to(curve: list[dict], threshold: float, key: str = "step") -> float | None:
+    """``key`` ("step" or "generated_tokens") at the first evaluation whose worst-task accuracy
+    reaches ``threshold`` (None: never)."""
     for point in curve:
         if worst(point["accuracy"]) >= threshold:
-            return point["step"]
+            return point[key]
     return None
+
+
+def se(x) -> float:
+    x = np.asarray(x, float)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def aggregate(runs: list[dict], arms, thresholds) -> dict:
@@ -240,7 +254,13 @@ def aggregate(runs: list[dict], arms, thresholds) -> dict:
             "avg_std": float(avg.std(ddof=1)) if len(avg) > 1 else 0.0,
             "per_task_mean": {t: float(np.mean([a[t] for a in finals])) for t in tasks},
             "worst_task_counts": {t: sum(min(a, key=a.get) == t for a in finals) for t in tasks},
+            "worst_se": se(w), "avg_se": se(avg),
+            "worst": w.tolist(),
             "steps_to": {str(th): [steps_to(r["curve"], th) for r in rs] for th in thresholds},
+            "tokens_to": {str(th): [steps_to(r["curve"], th, "generated_tokens") for r in rs]
+                          for th in thresholds},
+            "generated_tokens_mean": float(np.mean([r.get("generated_tokens", np.nan)
+                                                    for r in rs])),
             "rounds_per_step": float(np.mean([r["rounds_per_step"] for r in rs])),
             "generated_per_step": float(np.mean([r["generated_per_step"] for r in rs])),
             "seconds_mean": float(np.mean([r["seconds"] for r in rs])),
@@ -248,6 +268,38 @@ def aggregate(runs: list[dict], arms, thresholds) -> dict:
             "realised_share_mean": {
                 t: float(np.mean([r["realised_share_mean"][t] for r in rs])) for t in tasks},
         }
+    return out
+
+
+def _median_reached(values: list) -> float | None:
+    reached = [v for v in values if v is not None]
+    return float(np.median(reached)) if reached else None
+
+
+def comparisons(agg: dict, thresholds, refs=("dapo", "grpo")) -> dict:
+    """Worst-task differences to each reference arm (unpaired over seeds: SE = the two SEs in
+    quadrature) and each arm's steps- and tokens-to-threshold as a ratio to DAPO's."""
+    out: dict = {"worst_diff": {}, "to_threshold_ratio_vs_dapo": {}}
+    for ref in refs:
+        if ref not in agg:
+            continue
+        for arm, a in agg.items():
+            if arm == ref:
+                continue
+            d = a["worst_mean"] - agg[ref]["worst_mean"]
+            e = float(np.hypot(a["worst_se"], agg[ref]["worst_se"]))
+            out["worst_diff"][f"{arm} - {ref}"] = {"diff": d, "se": e,
+                                                   "z": d / e if e > 0 else float("nan")}
+    if "dapo" in agg:
+        for arm, a in agg.items():
+            row = {}
+            for th in thresholds:
+                for key, name in (("steps_to", "steps"), ("tokens_to", "tokens")):
+                    mine = _median_reached(a[key][str(th)])
+                    theirs = _median_reached(agg["dapo"][key][str(th)])
+                    row[f"{name}@{th:g}"] = (mine / theirs if mine is not None and theirs
+                                             else None)
+            out["to_threshold_ratio_vs_dapo"][arm] = row
     return out
 
 
@@ -265,16 +317,20 @@ def table(agg: dict, thresholds, sft: dict | None) -> str:
                      + f"; worst {worst(sft):.3f}, average {average(sft):.3f}.")
         lines.append("")
     tasks = list(next(iter(agg.values()))["per_task_mean"])
+    n = len(next(iter(agg.values()))["seeds"])
+    lines.append(f"Final accuracy after {next(iter(agg.values()))['final_step']} RL steps, mean ± SE "
+                 f"over {n} seeds (worst task = the lowest of the tasks at the final evaluation):")
+    lines.append("")
     head = ["arm", "worst-task acc", "average acc", *tasks, "rounds/step", "prompts generated/step",
-            "s/run"]
+            "generated tokens/run", "s/run"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for arm, a in agg.items():
-        cells = [arm, f"{a['worst_mean']:.3f} ± {a['worst_std']:.3f}",
-                 f"{a['avg_mean']:.3f} ± {a['avg_std']:.3f}",
+        cells = [arm, f"{a['worst_mean']:.3f} ± {a['worst_se']:.3f}",
+                 f"{a['avg_mean']:.3f} ± {a['avg_se']:.3f}",
                  *(f"{a['per_task_mean'][t]:.3f}" for t in tasks),
                  f"{a['rounds_per_step']:.2f}", f"{a['generated_per_step'] * 1:.0f}",
-                 f"{a['seconds_mean']:.0f}"]
+                 f"{a['generated_tokens_mean']:.3g}", f"{a['seconds_mean']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Steps to reach a worst-task accuracy (median over the seeds that reached it; "
@@ -285,6 +341,20 @@ def table(agg: dict, thresholds, sft: dict | None) -> str:
     for arm, a in agg.items():
         lines.append(f"| {arm} | " + " | ".join(_steps_cell(a["steps_to"][str(th)])
                                                for th in thresholds) + " |")
+    comp = comparisons(agg, thresholds)
+    if comp["worst_diff"]:
+        lines += ["", "Worst-task differences (SE of the difference; z = diff / SE):", "",
+                  "| comparison | diff | SE | z |", "|---|---|---|---|"]
+        for name, c in comp["worst_diff"].items():
+            lines.append(f"| {name} | {c['diff']:+.3f} | {c['se']:.3f} | {c['z']:+.1f} |")
+    if comp["to_threshold_ratio_vs_dapo"]:
+        cols = [f"{k}@{th:g}" for th in thresholds for k in ("steps", "tokens")]
+        lines += ["", "Steps and generated tokens to each worst-task threshold, as a ratio to "
+                  "DAPO's (medians over the seeds that reached it; - : not reached):", "",
+                  "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for arm, row in comp["to_threshold_ratio_vs_dapo"].items():
+            lines.append(f"| {arm} | " + " | ".join("-" if row[c] is None else f"{row[c]:.2f}"
+                                                   for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -347,7 +417,8 @@ def report(args) -> dict:
                "settings": {"steps": args.steps, "eval_every": args.eval_every,
                             "eval_prompts": args.eval_prompts, "seeds": args.seeds,
                             "arms": {a: ARMS[a] for a in args.arms}, "smoke": args.smoke},
-               "sft_accuracy": sft, "aggregate": agg, "runs": runs}
+               "sft_accuracy": sft, "aggregate": agg,
+               "comparisons": comparisons(agg, args.thresholds), "runs": runs}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(text + "\n")
     plot(runs, args.arms, args.out / "worst_task.png")
@@ -361,12 +432,15 @@ def report(args) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/mtgrpo_experiment"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=100, help="RL steps per run")
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per task")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.08, 0.10, 0.12])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=[a for a in ARMS if a != "mtgrpo_l1.2"],
+                    choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=200, help="RL steps per run")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per task")
+    ap.add_argument("--mixture", default="cpu-demo",
+                    help="task mixture (a name in jaxgrpo.tasks.MIXTURES); default: the demo's")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.08, 0.10, 0.12, 0.15])
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--smoke", action="store_true",
                     help="CI mode: 20 SFT steps, 3 RL steps, tiny eval, one seed")
@@ -377,6 +451,11 @@ def parse_args(argv=None):
         args.eval_prompts = SMOKE["tasks.eval_prompts"]
     if args.eval_every <= 0 or args.steps <= 0:
         ap.error("--steps and --eval-every must be positive")
+    from jaxgrpo.tasks import MIXTURES
+
+    if args.mixture not in MIXTURES:
+        ap.error(f"--mixture {args.mixture!r} is not a built-in mixture; choose one of "
+                 f"{', '.join(sorted(MIXTURES))}")
     return args
 
 

@@ -24,8 +24,11 @@ def test_mtgrpo_experiment_smoke(tmp_path):
     for run in res["runs"]:
         assert [p["step"] for p in run["curve"]] == [0, 2, 3]  # before RL, eval step 2, final
         for p in run["curve"]:
-            assert set(p["accuracy"]) == {"reverse@1", "addition@1", "countdown@2"}
+            assert set(p["accuracy"]) == {"reverse@2", "countdown@1", "countdown@2"}
             assert all(0.0 <= v <= 1.0 for v in p["accuracy"].values())
+        tokens = [p["generated_tokens"] for p in run["curve"]]
+        assert tokens[0] == 0 and all(b > a for a, b in zip(tokens, tokens[1:], strict=False))
+        assert tokens[-1] == run["generated_tokens"]
         assert run["rounds_per_step"] >= 1
     for arm, agg in res["aggregate"].items():
         for key in ("worst_mean", "avg_mean", "rounds_per_step", "generated_per_step"):
@@ -33,8 +36,45 @@ def test_mtgrpo_experiment_smoke(tmp_path):
         assert agg["worst_mean"] <= agg["avg_mean"]
     uniform = res["aggregate"]["grpo_rps"]["weight_mean"]
     assert all(abs(w - 1 / 3) < 1e-9 for w in uniform.values())
+    assert set(res["comparisons"]["worst_diff"]) == {
+        "mtgrpo_l0.2 - grpo", "grpo_rps - grpo"}  # no DAPO arm here: GRPO is the only reference
     table = (tmp_path / "table.md").read_text()
     assert all(f"| {arm} |" in table for arm in arms)
     assert (tmp_path / "worst_task.png").stat().st_size > 0
     assert (tmp_path / "example_mtgrpo_l0.2_seed0.jsonl").exists()
     assert "worst-task acc" in proc.stdout
+
+
+def _load_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtgrpo_experiment",
+                                                  ROOT / "benchmarks" / "mtgrpo_experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_comparisons_against_hand_computed_values():
+    mod = _load_module()
+
+    def run(arm, seed, finals, reach_step):
+        curve = [{"step": 0, "accuracy": {"a": 0.0, "b": 0.5}, "generated_tokens": 0.0}]
+        for step in (10, 20):
+            w = finals if step >= reach_step else 0.0
+            curve.append({"step": step, "accuracy": {"a": w, "b": 0.5},
+                          "generated_tokens": step * (300.0 if arm == "dapo" else 100.0)})
+        return {"arm": arm, "seed": seed, "seconds": 1.0, "tasks": ["a", "b"], "curve": curve,
+                "rounds_per_step": 1.0, "generated_per_step": 16.0, "generated_tokens": 2000.0,
+                "weight_mean": {"a": 0.5, "b": 0.5}, "realised_share_mean": {"a": 0.5, "b": 0.5}}
+
+    runs = [run("dapo", 0, 0.2, 20), run("dapo", 1, 0.3, 20),
+            run("mt", 0, 0.4, 10), run("mt", 1, 0.5, 10)]
+    agg = mod.aggregate(runs, ["dapo", "mt"], [0.15])
+    assert agg["mt"]["worst_se"] == pytest.approx(0.05)  # std 0.0707 / sqrt 2
+    comp = mod.comparisons(agg, [0.15])
+    d = comp["worst_diff"]["mt - dapo"]
+    assert d["diff"] == pytest.approx(0.2) and d["se"] == pytest.approx(0.05 * 2 ** 0.5)
+    ratio = comp["to_threshold_ratio_vs_dapo"]["mt"]
+    assert ratio["steps@0.15"] == pytest.approx(10 / 20)
+    assert ratio["tokens@0.15"] == pytest.approx(1000 / 6000)
