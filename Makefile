@@ -34,7 +34,7 @@ demo:
 ## Run the whole test suite (what CI runs).
 test: $(VENV)/.installed-all
 	$(BIN)/ruff check jaxgrpo tests benchmarks
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
 
 ## Skip the slow tests.
 test-fast: $(VENV)/.installed-all

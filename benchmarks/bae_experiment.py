@@ -77,12 +77,14 @@ def log(msg: str) -> None:
 
 
 def make_config(workdir: pathlib.Path, extra: list[str], size: dict, *, smoke: bool,
-                seed: int = 0):
+                seed: int = 0, user: tuple[str, ...] = ()):
+    """The experiment's config; ``user`` (``--set``) overrides its file, ``extra`` (the stage's
+    and the arm's settings) overrides both."""
     over = [
         f"train.workdir={workdir}", f"train.seed={seed}", f"train.steps={size['rl_steps']}",
         "train.eval_every=0", "tasks.eval_prompts=8", "rollout.eval_samples=2",
         "checkpoint.every=0", "checkpoint.asynchronous=false",
-        f"model.sft.steps={size['sft_steps']}", *extra,
+        f"model.sft.steps={size['sft_steps']}", *user, *extra,
     ]
     if smoke:
         over += ["tasks.prompts_per_step=8", "rollout.group_size=4", "model.sft.batch_size=16",
@@ -210,7 +212,15 @@ def main(argv=None) -> int:
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None,
                         help=f"(full run: {v})")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every stage (repeatable), e.g. the task: "
+                    "--set 'tasks.mixture=[{name: confidence, options: {base: countdown@1, "
+                    "tags: short, gold_confidence: uniform, on_malformed: worst_score}}]'")
     args = ap.parse_args(argv)
+    user = tuple(args.overrides)
+    bad = [o for o in user if "=" not in o]
+    if bad:
+        ap.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
     size = dict(SMOKE if args.smoke else FULL)
     for k in FULL:
         if getattr(args, k) is not None:
@@ -222,7 +232,7 @@ def main(argv=None) -> int:
     timing = {}
 
     # ---- 1. SFT warm start ---------------------------------------------------------------
-    cfg0 = make_config(runs / "sft", [], size, smoke=args.smoke)
+    cfg0 = make_config(runs / "sft", [], size, smoke=args.smoke, user=user)
     if args.sft_model:
         sft_dir = pathlib.Path(args.sft_model)
         task = loop.resolve_tasks(cfg0)[1][cfg0.tasks.mixture[0].spec]
@@ -236,15 +246,17 @@ def main(argv=None) -> int:
     timing["sft_s"] = time.perf_counter() - t_start
 
     path_over = [f"model.path={sft_dir}", "model.preset=null", "model.sft.steps=0"]
-    cfg_eval = make_config(runs / "eval", path_over, size, smoke=args.smoke)
+    cfg_eval = make_config(runs / "eval", path_over, size, smoke=args.smoke, user=user)
     su_eval = loop.setup(cfg_eval, stream=sys.stderr)
     policy, sft_params = su_eval.policy, su_eval.params
     ds = task.dataset("eval", cfg_eval.tasks.seed)
     records = [ds[i] for i in range(min(size["eval_prompts"], len(ds)))]
     eval_key = jax.random.key(12345)
-    res = {"settings": {**size, "seeds": args.seeds, "smoke": args.smoke,
+    res = {"command": " ".join(["python", "benchmarks/bae_experiment.py", *(argv or sys.argv[1:])]),
+           "settings": {**size, "seeds": args.seeds, "smoke": args.smoke,
                         "sft_model": str(sft_dir) if args.sft_model else None,
-                        "config": str(CONFIG.relative_to(ROOT)), "arms": ARMS},
+                        "config": str(CONFIG.relative_to(ROOT)), "overrides": list(user),
+                        "arms": ARMS},
            "pooled": {}, "per_seed": {}, "eval_samples": {}, "curves": {}}
     t0 = time.perf_counter()
     ev = evaluate(policy, sft_params, task, records, k=size["eval_k"], cfg=cfg_eval, key=eval_key)
@@ -260,7 +272,8 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             t0 = time.perf_counter()
             wd = runs / f"{arm}_s{seed}"
-            cfg = make_config(wd, [*path_over, *extra], size, smoke=args.smoke, seed=seed)
+            cfg = make_config(wd, [*path_over, *extra], size, smoke=args.smoke, seed=seed,
+                              user=user)
             log(f"RL {arm} seed {seed}: {cfg.train.steps} steps")
             summary = loop.run(cfg, stream=sys.stderr)
             params = summary["params"]
