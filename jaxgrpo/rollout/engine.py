@@ -30,20 +30,30 @@ what the filled pages need, not the budget. Traced for a TPU it is jax's Pallas
 reads only each sequence's filled pages; ``PagedOptions.attention`` forces either. Prompt prefill
 uses the model's own cache-free attention.
 
-Randomness: the token at completion position ``i`` of request ``(p, g)`` is drawn with the key
-``fold_in(fold_in(fold_in(key, p), g), i)``, so the tokens do not depend on the slot count, the
-order of admission or the other requests. (The static sampler in ``jaxgrpo.rollout.sampler``
-draws one key per step for the whole batch, so sampled, non-greedy, tokens differ between the
-two engines; greedy tokens and the meaning of the log-probs are the same.)
+Streaming: :class:`PagedSession` holds the pool and the slots between calls. ``submit`` queues
+prompts under caller-chosen uids while decoding runs, ``run`` runs rounds until one finishes a
+prompt (all its ``G`` samples) and returns the prompts finished in it (:class:`FinishedPrompt`),
+and ``cancel`` drops everything waiting or in flight, returning its pages. ``generate_paged`` is
+one session: every prompt submitted with its index as uid, run until empty.
+
+Randomness: the token at completion position ``i`` of request ``(u, g)`` (prompt uid ``u``, the
+prompt's index in ``generate_paged``) is drawn with the key
+``fold_in(fold_in(fold_in(key, u), g), i)``, so the tokens do not depend on the slot count, the
+order of submission or admission, or the other requests. (The static sampler in
+``jaxgrpo.rollout.sampler`` draws one key per step for the whole batch, so sampled, non-greedy,
+tokens differ between the two engines; greedy tokens and the meaning of the log-probs are the
+same.)
 
 Compilation: a round program per row bucket, a prefill program per prefill bucket and the pool
 allocation, whose shapes depend on the slot count, the page size, the prompt bucket and the
-budget only, never on the request mix; all of them are compiled on the first call (a round
-with no live row runs no step), so a later request mix compiles nothing.
+budget only, never on the request mix; all of them are compiled when the first session of a
+signature starts (a round with no live row runs no step), so a later session, submit or request
+mix compiles nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -441,227 +451,435 @@ def pool_pages(options: PagedOptions, *, num_samples: int, prompt_bucket: int,
     return 1 + sl * (-(-max_new_tokens // ps) + 1) + live_prompts * -(-prompt_bucket // ps)
 
 
-def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samples,
-                   max_new_tokens, temperature, top_k, top_p, eos_ids, stop_sequences, greedy,
-                   pad_id, buckets, options: PagedOptions, eos_logit_bias: float = 0.0,
-                   stats: dict | None = None) -> Rollout:
-    """The paged engine behind ``generate_functional(..., engine="paged")``.
+@dataclasses.dataclass(frozen=True)
+class FinishedPrompt:
+    """The ``G`` completions of one prompt, as :meth:`PagedSession.run` returns them.
 
-    The arguments are already validated there; ``prompt_tokens`` / ``prompt_mask`` are host
-    arrays ``[P, Tp]`` (left-padded). ``stats``, when given, receives counters (rounds, decode
-    steps, prefill calls, pool pages).
+    Attributes:
+        uid: the uid the prompt was submitted with.
+        tokens: int32 ``[G, Tn]``, ``pad_id`` after each completion's end.
+        logprobs: float32 ``[G, Tn]``, 0 after the end.
+        mask: bool ``[G, Tn]``, True on the completion's tokens.
+        lengths: int32 ``[G]`` completion lengths.
+        truncated: bool ``[G]``: no EOS or stop sequence within the budget.
     """
-    tokens = np.asarray(prompt_tokens, np.int32)
-    mask = np.asarray(prompt_mask, bool)
-    model_cfg = nnx.merge(graphdef, state).cfg
-    p_count, t = tokens.shape
-    g_count, tn = num_samples, max_new_tokens
-    n_req = p_count * g_count
-    lens = mask.sum(axis=1).astype(np.int64)
-    prompts = [tokens[p, t - lens[p]:] for p in range(p_count)]
-    tb = bucket_length(t, buckets)
-    sl, ps, steps = options.max_slots, options.page_size, options.steps_per_sync
-    mp = -(-tb // ps)  # prompt pages per prompt (at most)
-    width = -(-(tb + tn) // ps)  # page-table width
-    live_prompts = min(sl, -(-sl // g_count) + 2)
-    prompt_budget = live_prompts * mp
-    num_pages = pool_pages(options, num_samples=g_count, prompt_bucket=tb, max_new_tokens=tn)
-    pf = options.prefill_batch or min(16, -(-sl // g_count))
-    row_buckets, pf_buckets = size_buckets(sl), size_buckets(pf)
-    kh, dh = model_cfg.num_kv_heads, model_cfg.head_dim
-    pools = _init_pools(num_layers=model_cfg.num_layers, shape=(num_pages, ps, 2 * kh, dh),
-                        dtype=_dtype(model_cfg))
-    round_static = dict(steps=steps, max_new_tokens=tn, top_k=int(top_k), top_p=float(top_p),
-                        greedy=bool(greedy), pages_per_block=options.pages_per_block,
-                        attention=options.attention)
 
-    eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
-    eos_E[:len(eos_ids)] = eos_ids
-    eos_set = set(eos_ids)
-    temp = np.float32(1.0 if greedy else temperature)
+    uid: int
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
 
-    def run_round(page_table_r, pos_r, last_r, active_r, count_r, uid_r, gidx_r, src_r,
-                  dst_r, refill_at, shrink_at):
-        nonlocal pools
-        pools, *out = _round_jit(graphdef, state, pools, page_table_r, pos_r, last_r, active_r,
-                                 count_r, uid_r, gidx_r, src_r, dst_r, key, np.int32(refill_at),
-                                 np.int32(shrink_at), temp, eos_E, np.float32(eos_logit_bias),
-                                 **round_static)
+
+_UID_LIMIT = 1 << 31  # uids are int32 on the device
+
+
+class PagedSession:
+    """The paged engine as a stream: prompts are submitted while decoding runs, and every
+    prompt comes back as soon as its ``G`` samples have finished.
+
+    One session owns one page pool and ``options.max_slots`` decode slots. :meth:`submit`
+    queues prompts (host arrays ``[P, Tp]``, left-padded, ``Tp <=`` the session's prompt
+    bucket) under caller-chosen uids; :meth:`run` runs rounds (admission into free slots as
+    pages allow, prefill of newly admitted prompts, one ``_round_jit`` call) until a round
+    finishes at least one prompt and returns the prompts finished in it, in finishing order.
+    The samples of a prompt are drawn with the keys ``fold_in(fold_in(fold_in(key, uid), g),
+    i)``, so they depend on ``(key, uid)`` only: not on the slot count, the submission order
+    or the other prompts in flight. :meth:`cancel` drops everything waiting or in flight.
+
+    All the session's programs (every row bucket's round, every prefill size) are compiled
+    on construction, once per signature, so no later submit or session with the same shapes
+    compiles anything.
+
+    Args:
+        graphdef, state: the model, from ``nnx.split``.
+        key: the sampling key.
+        num_samples: ``G``, completions per prompt.
+        max_new_tokens: ``Tn``, the completion budget.
+        temperature, top_k, top_p, greedy: sampling, as in ``generate``.
+        eos_ids: tuple of EOS token ids; stop_sequences: tuple of token tuples.
+        pad_id: the token after each completion's end.
+        prompt_width: the widest prompt array to submit; the session holds prompts of
+            ``bucket_length(prompt_width, buckets)`` tokens.
+        buckets: prompt-length buckets (see ``bucket_length``).
+        options: a :class:`PagedOptions`.
+        eos_logit_bias: added to the EOS logits before sampling.
+
+    Attributes:
+        stats: counters accumulated over the session: ``rounds``, ``decode_steps``,
+            ``row_steps`` (rows computed x steps), ``useful_row_steps`` (tokens of the
+            completions finished so far), ``prefill_calls``, ``prefilled_prompts``,
+            ``cancelled_prompts``, ``pool_pages``, ``page_size``, ``max_slots``,
+            ``pages_in_use_at_end`` (pages held now; 0 when idle), ``round_seconds`` and
+            ``prefill_seconds``.
+    """
+
+    def __init__(self, graphdef, state, key, *, num_samples, max_new_tokens, temperature,
+                 top_k, top_p, eos_ids, stop_sequences, greedy, pad_id, prompt_width, buckets,
+                 options: PagedOptions, eos_logit_bias: float = 0.0):
+        if not isinstance(options, PagedOptions):
+            raise TypeError(f"options must be a PagedOptions, got {type(options).__name__}")
+        for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
+                        ("prompt_width", prompt_width)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self._graphdef, self._state, self._key = graphdef, state, key
+        model_cfg = nnx.merge(graphdef, state).cfg
+        self._vocab = model_cfg.vocab_size
+        self._g, self._tn = int(num_samples), int(max_new_tokens)
+        self._pad = int(pad_id)
+        self._stop_sequences = tuple(tuple(int(x) for x in s) for s in stop_sequences)
+        self._eos_set = {int(e) for e in eos_ids}
+        tb = bucket_length(int(prompt_width), buckets)
+        self.prompt_bucket = tb
+        sl, ps = options.max_slots, options.page_size
+        self._sl, self._ps, self._steps = sl, ps, options.steps_per_sync
+        self._mp = mp = -(-tb // ps)  # prompt pages per prompt (at most)
+        width = -(-(tb + self._tn) // ps)  # page-table width
+        live_prompts = min(sl, -(-sl // self._g) + 2)
+        self._prompt_budget = live_prompts * mp
+        self._num_pages = num_pages = pool_pages(options, num_samples=self._g, prompt_bucket=tb,
+                                                 max_new_tokens=self._tn)
+        self._pf = options.prefill_batch or min(16, -(-sl // self._g))
+        self._row_buckets, self._pf_buckets = size_buckets(sl), size_buckets(self._pf)
+        kh, dh = model_cfg.num_kv_heads, model_cfg.head_dim
+        self._pools = _init_pools(num_layers=model_cfg.num_layers,
+                                  shape=(num_pages, ps, 2 * kh, dh), dtype=_dtype(model_cfg))
+        self._round_static = dict(steps=self._steps, max_new_tokens=self._tn, top_k=int(top_k),
+                                  top_p=float(top_p), greedy=bool(greedy),
+                                  pages_per_block=options.pages_per_block,
+                                  attention=options.attention)
+        eos_E = np.full(max(4, 1 << max(len(eos_ids) - 1, 0).bit_length()), -1, np.int32)
+        eos_E[:len(eos_ids)] = eos_ids
+        self._eos_E = eos_E
+        self._temp = np.float32(1.0 if greedy else temperature)
+        self._eos_bias = np.float32(eos_logit_bias)
+
+        # Compile every row bucket's round and every prefill size now (a round with no active
+        # row runs no step, a prefill of empty prompts writes the scratch page only), so that
+        # no later request mix compiles anything.
+        sig = (graphdef, num_pages, ps, kh, dh, str(_dtype(model_cfg)), width, tb, mp,
+               tuple(sorted(self._round_static.items())), len(eos_E))
+        if sig not in _WARMED:
+            for b in self._row_buckets:
+                z = np.zeros(b, np.int32)
+                self._run_round(np.zeros((b, width), np.int32), z, z, np.zeros(b, bool), z, z,
+                                z, z, z, 1, 0)
+            for b in self._pf_buckets:
+                self._pools = _prefill_jit(graphdef, state, self._pools,
+                                           np.full((b, tb), self._pad, np.int32),
+                                           np.zeros(b, np.int32), np.zeros((b, mp), np.int32))
+            _WARMED.add(sig)
+
+        self._free_pages = list(range(num_pages - 1, 0, -1))
+        # Per submitted, not yet returned prompt (insertion = submission order).
+        self._prompts: dict[int, np.ndarray] = {}  # its tokens, without padding
+        self._admitted: dict[int, int] = {}  # samples given a slot
+        self._remaining: dict[int, int] = {}  # samples not finished
+        self._out: dict[int, tuple] = {}  # (tokens, logprobs, lengths, ended), [G, ...]
+        self._prompt_pages: dict[int, list[int]] = {}  # of the prompts with pages (admitted)
+        self._partial_freed: set[int] = set()
+        self._prompt_used = 0
+        self._queue: collections.deque = collections.deque()  # (uid, g) waiting for a slot
+        self._seen: set[int] = set()
+        self._finished: list[FinishedPrompt] = []
+
+        self._page_table = np.zeros((sl, width), np.int32)
+        self._n_row_pages = np.zeros(sl, np.int64)
+        self._own_pages: list[list[int]] = [[] for _ in range(sl)]
+        self._pos = np.zeros(sl, np.int32)
+        self._last = np.zeros(sl, np.int32)
+        self._active = np.zeros(sl, bool)
+        self._count = np.zeros(sl, np.int32)
+        self._uid = np.zeros(sl, np.int32)
+        self._gidx = np.zeros(sl, np.int32)
+        self._busy = np.zeros(sl, bool)  # the slot holds a request
+        self.stats = dict(rounds=0, decode_steps=0, row_steps=0, useful_row_steps=0,
+                          prefill_calls=0, prefilled_prompts=0, cancelled_prompts=0,
+                          pool_pages=num_pages, page_size=ps, max_slots=sl,
+                          pages_in_use_at_end=0, round_seconds=0.0, prefill_seconds=0.0)
+
+    # ---- public interface ----------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Prompts submitted and not yet returned by :meth:`run` (nor cancelled)."""
+        return len(self._remaining)
+
+    def submit(self, prompt_tokens, prompt_mask, uids) -> None:
+        """Queues prompts ``[P, Tp]`` (left-padded host arrays, ``Tp <= prompt_bucket``)
+        under ``uids``: ``P`` distinct ints in ``[0, 2**31)`` never submitted to this session.
+        Nothing is queued when any argument is refused."""
+        tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"submit: prompt_tokens must be an int array [P, Tp], got "
+                             f"{tokens.dtype}{tuple(tokens.shape)}")
+        if mask.shape != tokens.shape or mask.dtype != np.bool_:
+            raise ValueError(f"submit: prompt_mask must be a bool array of prompt_tokens' shape "
+                             f"{tuple(tokens.shape)}, got {mask.dtype}{tuple(mask.shape)}")
+        p_count, t = tokens.shape
+        if t > self.prompt_bucket:
+            raise ValueError(f"submit: prompts are {t} tokens wide, wider than this session's "
+                             f"{self.prompt_bucket} (make a session with a larger prompt_width)")
+        uid_list = list(uids)
+        if len(uid_list) != p_count:
+            raise ValueError(f"submit: got {len(uid_list)} uids for {p_count} prompts")
+        for u in uid_list:
+            if not isinstance(u, (int, np.integer)) or isinstance(u, bool) \
+                    or not 0 <= u < _UID_LIMIT:
+                raise ValueError(f"submit: uids must be ints in [0, 2**31), got {u!r}")
+        uid_list = [int(u) for u in uid_list]
+        if len(set(uid_list)) != p_count:
+            raise ValueError("submit: uids must be distinct")
+        reused = sorted(set(uid_list) & self._seen)
+        if reused:
+            raise ValueError(f"submit: uid {reused[0]} was already submitted to this session "
+                             "(uids must be new)")
+        if p_count and (t == 0 or not mask[:, -1].all()
+                        or (np.diff(mask.astype(np.int8), axis=1) < 0).any()):
+            raise ValueError("submit: prompt_mask must be left-padded and every prompt "
+                             "non-empty (the last column True for every row)")
+        if ((tokens < 0) | (tokens >= self._vocab))[mask].any():
+            raise ValueError(f"submit: prompt tokens must be in [0, {self._vocab})")
+        lens = mask.sum(axis=1)
+        g, tn = self._g, self._tn
+        for p, u in enumerate(uid_list):
+            self._seen.add(u)
+            self._prompts[u] = tokens[p, t - lens[p]:].astype(np.int32)
+            self._admitted[u] = 0
+            self._remaining[u] = g
+            self._out[u] = (np.full((g, tn), self._pad, np.int32), np.zeros((g, tn), np.float32),
+                            np.zeros(g, np.int32), np.zeros(g, bool))
+            self._queue.extend((u, j) for j in range(g))
+
+    def run(self) -> list[FinishedPrompt]:
+        """Runs rounds until one finishes at least one prompt; returns the prompts finished so
+        far and not yet returned, in finishing order, or ``[]`` when nothing is waiting or in
+        flight."""
+        try:
+            while not self._finished:
+                if not self._round():
+                    break
+            out, self._finished = self._finished, []
+            return out
+        finally:
+            self._update_page_stats()
+
+    def cancel(self) -> list[int]:
+        """Drops every waiting and in-flight prompt, frees their slots and pages, and returns
+        their uids (in submission order). The session stays usable."""
+        for s in np.flatnonzero(self._busy):
+            self._free_pages.extend(self._own_pages[s])
+            self._own_pages[s] = []
+        self._busy[:] = False
+        self._active[:] = False
+        for u in list(self._prompt_pages):
+            self._release_prompt(u)
+        self._queue.clear()
+        dropped = list(self._remaining)
+        for d in (self._prompts, self._admitted, self._remaining, self._out):
+            d.clear()
+        self.stats["cancelled_prompts"] += len(dropped)
+        self._update_page_stats()
+        return dropped
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _run_round(self, page_table_r, pos_r, last_r, active_r, count_r, uid_r, gidx_r, src_r,
+                   dst_r, refill_at, shrink_at):
+        self._pools, *out = _round_jit(
+            self._graphdef, self._state, self._pools, page_table_r, pos_r, last_r, active_r,
+            count_r, uid_r, gidx_r, src_r, dst_r, self._key, np.int32(refill_at),
+            np.int32(shrink_at), self._temp, self._eos_E, self._eos_bias, **self._round_static)
         return out
 
-    # Compile every row bucket's round and every prefill size on first use (a round with no
-    # active row runs no step, a prefill of empty prompts writes the scratch page only), so
-    # that no later request mix compiles anything.
-    sig = (graphdef, num_pages, ps, kh, dh, str(_dtype(model_cfg)), width, tb, mp,
-           tuple(sorted(round_static.items())), len(eos_E))
-    if sig not in _WARMED:
-        for b in row_buckets:
-            z = np.zeros(b, np.int32)
-            run_round(np.zeros((b, width), np.int32), z, z, np.zeros(b, bool), z, z, z, z, z,
-                      1, 0)
-        for b in pf_buckets:
-            pools = _prefill_jit(graphdef, state, pools, np.full((b, tb), pad_id, np.int32),
-                                 np.zeros(b, np.int32), np.zeros((b, mp), np.int32))
-        _WARMED.add(sig)
+    def _update_page_stats(self):
+        self.stats["pages_in_use_at_end"] = self._num_pages - 1 - len(self._free_pages)
 
-    free_pages = list(range(num_pages - 1, 0, -1))
-    prompt_pages: dict[int, list[int]] = {}
-    partial_freed: set[int] = set()
-    admitted = np.zeros(p_count, np.int64)
-    remaining = np.full(p_count, g_count, np.int64)
-    prompt_used = 0
+    def _release_prompt(self, u):
+        pages = self._prompt_pages.pop(u)
+        keep = pages if u not in self._partial_freed else pages[:-1]
+        self._partial_freed.discard(u)
+        self._free_pages.extend(keep)
+        self._prompt_used -= len(pages)
 
-    page_table = np.zeros((sl, width), np.int32)
-    n_row_pages = np.zeros(sl, np.int64)
-    own_pages: list[list[int]] = [[] for _ in range(sl)]
-    pos = np.zeros(sl, np.int32)
-    last = np.zeros(sl, np.int32)
-    active = np.zeros(sl, bool)
-    count = np.zeros(sl, np.int32)
-    uid = np.zeros(sl, np.int32)
-    gidx = np.zeros(sl, np.int32)
-    slot_req = np.full(sl, -1, np.int64)
-
-    out_tok = np.full((n_req, tn), pad_id, np.int32)
-    out_lp = np.zeros((n_req, tn), np.float32)
-    out_len = np.zeros(n_req, np.int32)
-    ended = np.zeros(n_req, bool)  # EOS or stop sequence within the budget
-    next_req = 0
-    n_rounds = n_steps = n_row_steps = n_prefill = n_prefilled = 0
-    t_round = t_prefill = 0.0
-
-    def release_prompt(p):
-        nonlocal prompt_used
-        pages = prompt_pages.pop(p)
-        keep = pages if p not in partial_freed else pages[:-1]
-        free_pages.extend(keep)
-        prompt_used -= len(pages)
-
-    while True:
+    def _round(self) -> bool:
+        """Admits waiting requests, prefills, runs one round and collects its tokens; False
+        (and nothing run) when no slot is live."""
+        sl, ps, steps, g_count, tn = self._sl, self._ps, self._steps, self._g, self._tn
+        free_pages, page_table, own_pages = self._free_pages, self._page_table, self._own_pages
+        pos, last, active, count = self._pos, self._last, self._active, self._count
+        st = self.stats
         copy_src = np.zeros(sl, np.int32)
         copy_dst = np.zeros(sl, np.int32)
         to_prefill = []
-        for s in np.flatnonzero(slot_req < 0):
-            if next_req >= n_req:
+        for s in np.flatnonzero(~self._busy):
+            if not self._queue:
                 break
-            p, g = divmod(next_req, g_count)
-            lp = int(lens[p]) - 1  # tokens prefilled; the last one is the sample's first step
-            if p not in prompt_pages:
+            u, g = self._queue[0]
+            lp = len(self._prompts[u]) - 1  # tokens prefilled; the last: the first step's input
+            if u not in self._prompt_pages:
                 need = -(-lp // ps)
-                if prompt_used + need > prompt_budget:
+                if self._prompt_used + need > self._prompt_budget:
                     break
-                prompt_pages[p] = [free_pages.pop() for _ in range(need)]
-                prompt_used += need
+                self._prompt_pages[u] = [free_pages.pop() for _ in range(need)]
+                self._prompt_used += need
                 if lp:
-                    to_prefill.append(p)
+                    to_prefill.append(u)
+            self._queue.popleft()
+            pages = self._prompt_pages[u]
             full, rem = divmod(lp, ps)
             page_table[s] = 0
-            page_table[s, :full] = prompt_pages[p][:full]
+            page_table[s, :full] = pages[:full]
             own_pages[s] = []
             if rem:
                 own = free_pages.pop()
                 page_table[s, full] = own
-                copy_src[s], copy_dst[s] = prompt_pages[p][full], own
+                copy_src[s], copy_dst[s] = pages[full], own
                 own_pages[s].append(own)
-            n_row_pages[s] = full + (1 if rem else 0)
-            pos[s], last[s], active[s], count[s] = lp, prompts[p][-1], True, 0
-            uid[s], gidx[s], slot_req[s] = p, g, next_req
-            admitted[p] += 1
-            next_req += 1
+            self._n_row_pages[s] = full + (1 if rem else 0)
+            pos[s], last[s], active[s], count[s] = lp, self._prompts[u][-1], True, 0
+            self._uid[s], self._gidx[s], self._busy[s] = u, g, True
+            self._admitted[u] += 1
         if not active.any():
-            break
+            return False
         t0 = time.perf_counter()
+        pf, tb, mp = self._pf, self.prompt_bucket, self._mp
         for c in range(0, len(to_prefill), pf):
             chunk = to_prefill[c:c + pf]
-            b = next(x for x in pf_buckets if x >= len(chunk))
-            ptok = np.full((b, tb), pad_id, np.int32)
+            b = next(x for x in self._pf_buckets if x >= len(chunk))
+            ptok = np.full((b, tb), self._pad, np.int32)
             plen = np.zeros(b, np.int32)
             ppages = np.zeros((b, mp), np.int32)
-            for i, p in enumerate(chunk):
-                lp = int(lens[p]) - 1
-                ptok[i, :lp] = prompts[p][:lp]
+            for i, u in enumerate(chunk):
+                lp = len(self._prompts[u]) - 1
+                ptok[i, :lp] = self._prompts[u][:lp]
                 plen[i] = lp
-                ppages[i, :len(prompt_pages[p])] = prompt_pages[p]
-            pools = _prefill_jit(graphdef, state, pools, ptok, plen, ppages)
-            n_prefill += 1
-            n_prefilled += len(chunk)
-        if stats is not None and to_prefill:  # time the prefill apart from the round
-            jax.block_until_ready(pools)
-            t_prefill += time.perf_counter() - t0
+                ppages[i, :len(self._prompt_pages[u])] = self._prompt_pages[u]
+            self._pools = _prefill_jit(self._graphdef, self._state, self._pools, ptok, plen,
+                                       ppages)
+            st["prefill_calls"] += 1
+            st["prefilled_prompts"] += len(chunk)
+        if to_prefill:  # time the prefill apart from the round
+            jax.block_until_ready(self._pools)
+            st["prefill_seconds"] += time.perf_counter() - t0
         for s in np.flatnonzero(active):  # pages for this round's tokens
-            p = uid[s]
-            last_pos = min(int(pos[s]) + steps - 1, int(lens[p]) - 1 + tn - 1)
-            while n_row_pages[s] * ps <= last_pos:
+            last_pos = min(int(pos[s]) + steps - 1,
+                           len(self._prompts[int(self._uid[s])]) - 1 + tn - 1)
+            while self._n_row_pages[s] * ps <= last_pos:
                 page = free_pages.pop()
-                page_table[s, n_row_pages[s]] = page
+                page_table[s, self._n_row_pages[s]] = page
                 own_pages[s].append(page)
-                n_row_pages[s] += 1
+                self._n_row_pages[s] += 1
         t0 = time.perf_counter()
-        waiting = n_req - next_req
+        waiting = len(self._queue)
         refill_at = (sl + 1) if not waiting else max(1, min(waiting, sl // 8))
         # The live slots run in the smallest row bucket that holds them: a round stops once
         # they fit the next smaller bucket (nothing waiting), so finished rows stop computing.
         rows_idx = np.flatnonzero(active)
-        b = next(x for x in row_buckets if x >= len(rows_idx))
-        smaller = [x for x in row_buckets if x < b]
+        b = next(x for x in self._row_buckets if x >= len(rows_idx))
+        smaller = [x for x in self._row_buckets if x < b]
         shrink_at = smaller[-1] if smaller and not waiting else 0
-        tok_r, lp_r, count_r, active_r, i_r = run_round(
-            *(_take_rows(a, rows_idx, b) for a in (page_table, pos, last, active, count, uid,
-                                                   gidx, copy_src, copy_dst)),
+        tok_r, lp_r, count_r, active_r, i_r = self._run_round(
+            *(_take_rows(a, rows_idx, b) for a in (page_table, pos, last, active, count,
+                                                   self._uid, self._gidx, copy_src, copy_dst)),
             refill_at, shrink_at)
         tok_r, lp_r, count_r, active_r = (np.asarray(a) for a in (tok_r, lp_r, count_r,
                                                                    active_r))
-        n_rounds += 1
-        n_steps += int(i_r)
-        n_row_steps += b * int(i_r)
-        t_round += time.perf_counter() - t0
-        for p in np.flatnonzero((admitted == g_count) & (remaining > 0)):
-            lp = int(lens[p]) - 1
-            if lp % ps and p not in partial_freed:  # every sample holds its own copy now
-                free_pages.append(prompt_pages[p][-1])
-                partial_freed.add(p)
+        st["rounds"] += 1
+        st["decode_steps"] += int(i_r)
+        st["row_steps"] += b * int(i_r)
+        st["round_seconds"] += time.perf_counter() - t0
+        for u in self._prompt_pages:
+            if self._admitted[u] == g_count and u not in self._partial_freed \
+                    and (len(self._prompts[u]) - 1) % ps:
+                # every sample holds its own copy of the partial page now
+                free_pages.append(self._prompt_pages[u][-1])
+                self._partial_freed.add(u)
         for j, s in enumerate(rows_idx):
-            n = slot_req[s]
+            u, g = int(self._uid[s]), int(self._gidx[s])
+            o_tok, o_lp, o_len, o_ended = self._out[u]
             c0, c1 = int(count[s]), int(count_r[j])
-            out_tok[n, c0:c1] = tok_r[j, :c1 - c0]
-            out_lp[n, c0:c1] = lp_r[j, :c1 - c0]
-            stop = _stop_at(out_tok[n], c1, stop_sequences) if stop_sequences else None
+            o_tok[g, c0:c1] = tok_r[j, :c1 - c0]
+            o_lp[g, c0:c1] = lp_r[j, :c1 - c0]
+            stop = (_stop_at(o_tok[g], c1, self._stop_sequences) if self._stop_sequences
+                    else None)
             if stop is not None and stop < c1:
-                out_tok[n, stop + 1:] = pad_id
-                out_lp[n, stop + 1:] = 0.0
-                out_len[n], ended[n], done = stop + 1, True, True
+                o_tok[g, stop + 1:] = self._pad
+                o_lp[g, stop + 1:] = 0.0
+                o_len[g], o_ended[g], done = stop + 1, True, True
             else:
-                eos = c1 > c0 and int(tok_r[j, c1 - c0 - 1]) in eos_set
+                eos = c1 > c0 and int(tok_r[j, c1 - c0 - 1]) in self._eos_set
                 done = (not active_r[j]) or c1 >= tn
-                out_len[n], ended[n] = c1, eos
+                o_len[g], o_ended[g] = c1, eos
             if done:
                 free_pages.extend(own_pages[s])
                 own_pages[s] = []
-                p = uid[s]
-                remaining[p] -= 1
-                if remaining[p] == 0:
-                    release_prompt(p)
-                slot_req[s] = -1
+                self._busy[s] = False
                 active[s] = False
+                st["useful_row_steps"] += int(o_len[g])
+                self._remaining[u] -= 1
+                if self._remaining[u] == 0:
+                    self._release_prompt(u)
+                    self._finish(u)
             else:
                 pos[s] += c1 - c0
                 last[s] = tok_r[j, c1 - c0 - 1] if c1 > c0 else last[s]
                 count[s] = c1
+        return True
+
+    def _finish(self, u):
+        o_tok, o_lp, o_len, o_ended = self._out.pop(u)
+        del self._prompts[u], self._admitted[u], self._remaining[u]
+        mask = np.arange(self._tn)[None, :] < o_len[:, None]
+        self._finished.append(FinishedPrompt(
+            uid=u, tokens=o_tok, logprobs=np.where(mask, o_lp, 0.0).astype(np.float32),
+            mask=mask, lengths=o_len, truncated=~o_ended))
+
+
+def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samples,
+                   max_new_tokens, temperature, top_k, top_p, eos_ids, stop_sequences, greedy,
+                   pad_id, buckets, options: PagedOptions, eos_logit_bias: float = 0.0,
+                   stats: dict | None = None) -> Rollout:
+    """The paged engine behind ``generate_functional(..., engine="paged")``: one
+    :class:`PagedSession`, every prompt submitted with its index as uid, run until empty.
+
+    The arguments are already validated there; ``prompt_tokens`` / ``prompt_mask`` are host
+    arrays ``[P, Tp]`` (left-padded). ``stats``, when given, receives the session's counters
+    (rounds, decode steps, prefill calls, pool pages).
+    """
+    tokens = np.asarray(prompt_tokens, np.int32)
+    mask = np.asarray(prompt_mask, bool)
+    p_count, t = tokens.shape
+    session = PagedSession(
+        graphdef, state, key, num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids,
+        stop_sequences=stop_sequences, greedy=greedy, pad_id=pad_id, prompt_width=t,
+        buckets=buckets, options=options, eos_logit_bias=eos_logit_bias)
+    session.submit(tokens, mask, range(p_count))
+    done: dict[int, FinishedPrompt] = {}
+    while session.outstanding:
+        finished = session.run()
+        assert finished, "the paged session stalled with prompts outstanding"
+        done.update((f.uid, f) for f in finished)
     if stats is not None:
-        stats.update(rounds=n_rounds, decode_steps=n_steps, row_steps=n_row_steps,
-                     useful_row_steps=int(out_len.sum()), prefill_calls=n_prefill,
-                     prefilled_prompts=n_prefilled, pool_pages=num_pages, page_size=ps,
-                     max_slots=sl, pages_in_use_at_end=num_pages - 1 - len(free_pages),
-                     round_seconds=t_round, prefill_seconds=t_prefill)
-    out_mask = np.arange(tn)[None, :] < out_len[:, None]
+        stats.update({k: v for k, v in session.stats.items() if k != "cancelled_prompts"})
+    rows = [done[p] for p in range(p_count)]
+    g_count, tn = num_samples, max_new_tokens
+
+    def stack(name, shape, dtype):
+        if not rows:
+            return np.zeros(shape, dtype)
+        return np.stack([getattr(f, name) for f in rows]).astype(dtype)
+
     # device_put, not jnp.asarray: the latter compiles a staging program per new shape.
     return jax.device_put(Rollout(
-        tokens=out_tok.reshape(p_count, g_count, tn),
-        logprobs=np.where(out_mask, out_lp, 0.0).astype(np.float32).reshape(p_count, g_count,
-                                                                            tn),
-        mask=out_mask.reshape(p_count, g_count, tn),
-        lengths=out_len.reshape(p_count, g_count),
-        truncated=(~ended).reshape(p_count, g_count),
+        tokens=stack("tokens", (0, g_count, tn), np.int32),
+        logprobs=stack("logprobs", (0, g_count, tn), np.float32),
+        mask=stack("mask", (0, g_count, tn), bool),
+        lengths=stack("lengths", (0, g_count), np.int32),
+        truncated=stack("truncated", (0, g_count), bool),
     ))
 
 
@@ -675,6 +893,7 @@ def kv_bytes(options: PagedOptions, model_cfg, *, num_samples, prompt_bucket,
             * model_cfg.head_dim * itemsize)
 
 
-__all__ = ["ATTENTION_IMPLS", "PagedOptions", "decode_attention", "generate_paged",
-           "kernel_decode_args", "kernel_decode_attention", "kernel_supports", "kv_bytes",
-           "paged_decode_attention", "pool_pages", "size_buckets", "trace_platform"]
+__all__ = ["ATTENTION_IMPLS", "FinishedPrompt", "PagedOptions", "PagedSession",
+           "decode_attention", "generate_paged", "kernel_decode_args", "kernel_decode_attention",
+           "kernel_supports", "kv_bytes", "paged_decode_attention", "pool_pages", "size_buckets",
+           "trace_platform"]
