@@ -12,26 +12,32 @@ from tests.data.test_ratio_sampler import MIXED, RATES, TASKS, MockGenerator
 
 class MockStream:
     """A continuous-batching engine: groups as ``MockGenerator``'s (a fixed-rate zero-advantage
-    coin keyed by the uid); each ``finished()`` returns 1 to ``burst`` random outstanding ones."""
+    coin keyed by the uid); each ``finished()`` returns 1 to ``burst`` random outstanding ones.
+    More than ``limit`` prompts or calls since ``start_step`` fail (a runaway loop)."""
 
-    def __init__(self, rates, seed=0, order_seed=0, burst=3):
+    def __init__(self, rates, seed=0, order_seed=0, burst=3, limit=100_000):
         self.gen = MockGenerator(rates, seed=seed)
         self.rng = np.random.default_rng(order_seed)
         self.burst = burst
+        self.limit = limit
         self.pending = []
-        self.submits, self.returns, self.cancels = [], [], []
+        self.start_step()
 
     def submit(self, requests):
         self.submits.append(dict(requests))
+        self.submitted += sum(requests.values())
+        assert self.submitted <= self.limit, "runaway submits"
         self.pending += self.gen(requests)
 
     def finished(self):
+        self.calls += 1
+        assert self.calls <= self.limit, "runaway finished() calls"
         if not self.pending:
             return []
         n = int(self.rng.integers(1, min(self.burst, len(self.pending)) + 1))
-        picked = sorted(self.rng.choice(len(self.pending), size=n, replace=False).tolist())
-        out = [self.pending[i] for i in picked]
-        self.pending = [g for i, g in enumerate(self.pending) if i not in set(picked)]
+        picked = set(self.rng.choice(len(self.pending), size=n, replace=False).tolist())
+        out = [g for i, g in enumerate(self.pending) if i in picked]
+        self.pending = [g for i, g in enumerate(self.pending) if i not in picked]
         self.returns.append(out)
         return out
 
@@ -42,7 +48,7 @@ class MockStream:
         return n
 
     def start_step(self):
-        self.submits, self.returns, self.cancels = [], [], []
+        self.submits, self.returns, self.cancels, self.calls, self.submitted = [], [], [], 0, 0
 
 
 def per_task(groups):
@@ -143,6 +149,42 @@ def test_results_are_a_function_of_seed_step_and_finish_order():
     assert [t for _, _, t, _ in run(0)] == [t for _, _, t, _ in run(1)]  # targets: (seed, step)
 
 
+def test_random_configurations_keep_the_invariants():
+    rng = np.random.default_rng(4)
+    for trial in range(40):
+        b = int(rng.integers(1, 20))
+        kw = dict(
+            target_mode=str(rng.choice(["multinomial", "exact", "scaled"])),
+            draw_mode=str(rng.choice(["multinomial", "exact"])),
+            oversample=float(rng.choice([1.0, 1.5, 3.0])),
+            max_inflation=float(rng.choice([1.0, 5.0])),
+            max_rounds=int(rng.integers(1, 5)),
+            schedule=str(rng.choice(["paper", "code"])),
+            filter=str(rng.choice(["strict", "lenient", "lenient_code", "none"])),
+            preserve_ratios=bool(rng.integers(2)),
+            fill=str(rng.choice(["accepted", "pad", "none"])),
+            round_multiple=int(rng.integers(1, 4)),
+            stream_min_outstanding=int(rng.integers(0, 2 * b + 1)),
+        )
+        rps = RatioPreservingSampler(TASKS, b, seed=trial, **kw)
+        stream = MockStream({t: float(rng.uniform(0, 1)) for t in TASKS}, seed=trial,
+                            order_seed=trial, burst=int(rng.integers(1, 5)))
+        for _ in range(4):
+            stream.start_step()
+            res = rps.run_step_streamed(rng.dirichlet(np.ones(3)), stream)
+            check_stream_invariants(res, stream, rps)
+            check_stops_as_soon_as_done(res, stream, rps, preserve=kw["preserve_ratios"])
+            assert all(0.0 <= v <= 1.0 for v in res.rho.values())
+            for g, pad in zip(res.batch, res.padded, strict=True):
+                assert pad == is_filtered(g.rewards, kw["filter"])
+            if kw["target_mode"] != "scaled":
+                assert sum(res.targets.values()) == b
+                if kw["preserve_ratios"] and not res.hit_cap:
+                    assert res.realised_counts == res.targets, kw
+            if not res.hit_cap and kw["fill"] != "none":
+                assert len(res.batch) == b or sum(res.targets.values()) < b
+
+
 # ---- (2) fewer prompts than whole rounds ---------------------------------------------------
 
 
@@ -230,6 +272,22 @@ def test_budget_cap_with_a_task_that_is_always_filtered(fill):
         assert len(res.batch) == b and sum(res.padded) == b - n_acc
 
 
+def test_exp2_code_preset_preserves_from_the_tenth_step_counted_from_one():
+    # arc is always filtered: B accepted suffice without preservation, with it the budget of
+    # two rounds is spent chasing arc's deficit.
+    rps = RatioPreservingSampler.from_preset("mt_grpo_exp2_code", TASKS, 12, seed=0)
+    stream = MockStream({"countdown": 0.0, "zebra": 0.0, "arc": 1.0})
+    capped, spent = [], []
+    for _ in range(12):
+        stream.start_step()
+        res = rps.run_step_streamed(None, stream)
+        check_stream_invariants(res, stream, rps)
+        capped.append(res.hit_cap)
+        spent.append(stream.submitted)
+    assert capped == [False] * 9 + [True] * 3
+    assert spent[9:] == [2 * rps.round_size] * 3 and max(spent[:9]) < 2 * rps.round_size
+
+
 # ---- (4) rho: one EMA step per streamed step ---------------------------------------------------
 
 
@@ -294,7 +352,7 @@ def test_stream_cancel_count_is_checked():
             super().cancel()
             return 0
 
-    rps = RatioPreservingSampler(TASKS, 8, seed=0)
+    rps = RatioPreservingSampler(TASKS, 8, stream_min_outstanding=8, seed=0)
     with pytest.raises(ValueError, match=r"stream.cancel\(\) dropped 0 prompts, but"):
         rps.run_step_streamed(None, Liar(RATES))
 
