@@ -4,7 +4,7 @@ Plain Python and numpy; no jax (the caller passes ``jax.process_index()`` and
 ``jax.process_count()``).
 """
 
-from jaxgrpo.data.groups import FILTERS, Group, StepResult, is_filtered
+from jaxgrpo.data.groups import FILTERS, Group, GroupStream, StepResult, is_filtered
 from jaxgrpo.data.ratio_sampler import PRESETS, RatioPreservingSampler
 from jaxgrpo.data.task_sampler import Item, TaskSampler, largest_remainder
 
@@ -12,6 +12,7 @@ __all__ = [
     "FILTERS",
     "PRESETS",
     "Group",
+    "GroupStream",
     "Item",
     "RatioPreservingSampler",
     "StepResult",

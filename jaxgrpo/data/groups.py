@@ -1,11 +1,12 @@
-"""What the ratio-preserving sampler consumes and returns: rollout groups, the zero-gradient
-filter, and the per-step result with its metrics (MT-GRPO, arXiv 2602.05547, §5)."""
+"""What the ratio-preserving sampler consumes and returns: rollout groups (all at once or as a
+stream of finished ones), the zero-gradient filter, and the per-step result with its metrics
+(MT-GRPO, arXiv 2602.05547, §5)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +21,22 @@ class Group:
     uid: str
     rewards: Sequence[float]
     payload: Any = None
+
+
+class GroupStream(Protocol):
+    """A continuous-batching rollout engine as ``RatioPreservingSampler.run_step_streamed``
+    drives it; the stream draws the prompts itself (e.g. from a ``TaskSampler``)."""
+
+    def submit(self, requests: dict[str, int]) -> None:
+        """Enqueues ``requests[task]`` new prompts per task."""
+
+    def finished(self) -> list[Group]:
+        """Blocks until at least one submitted group has finished; returns every finished group
+        not returned before, or ``[]`` when nothing is outstanding."""
+
+    def cancel(self) -> int:
+        """Drops every outstanding prompt (finished but not yet returned included); returns how
+        many were dropped."""
 
 
 def is_filtered(rewards: Sequence[float], mode: str, *, correct: float = 1.0 - 1e-6) -> bool:
@@ -50,7 +67,8 @@ def is_filtered(rewards: Sequence[float], mode: str, *, correct: float = 1.0 - 1
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one ``run_step`` produced; per-task dicts are keyed by task name.
+    """What one ``run_step`` (or ``run_step_streamed``) produced; per-task dicts are keyed by
+    task name.
 
     Attributes:
       step: the step index this result belongs to.
@@ -58,16 +76,22 @@ class StepResult:
       padded: aligned with ``batch``; True for filtered groups added by ``fill="pad"``.
       targets: per-task target counts ``n_k``.
       realised_counts: per-task accepted (non-padded) groups in ``batch``.
-      rounds: generation rounds used (>= 1).
-      hit_cap: the loop stopped at ``max_rounds`` while still short.
-      generated, filtered: per-task groups generated and dropped by the filter, all rounds.
+      rounds: generation rounds used (>= 1); streamed: ``submit`` calls.
+      hit_cap: the loop stopped at ``max_rounds`` while still short (streamed: the prompt
+        budget ``max_rounds * round_size`` was spent and every submitted group finished).
+      generated, filtered: per-task groups generated and dropped by the filter, all rounds
+        (streamed: the groups that finished; cancelled prompts are in ``dropped``).
       filtered_rates: ``filtered / generated`` this step, before filtering (0 if none generated).
       zero_adv_rates: share of generated groups with all-equal rewards (0 if none generated).
       rho: the EMA filter rates after this step.
       inflation: ``m_k`` at the start of the step.
       weights: the normalised task weights ``z``.
-      requests: per round, the per-task prompt counts asked of ``generate``.
-      accepted_counts: per round, the per-task groups accepted so far (cumulative).
+      requests: per round, the per-task prompt counts asked of ``generate`` (streamed: per
+        ``submit`` call).
+      accepted_counts: per round, the per-task groups accepted so far (cumulative); streamed:
+        entry ``i`` is the count when submit ``i + 1`` was decided (the last: at the end of the
+        step), so ``accepted_counts[i - 1]`` is what decided ``requests[i]``, as for rounds.
+      dropped: per-task prompts cancelled while in flight (streamed; all 0 for ``run_step``).
     """
 
     step: int
@@ -86,6 +110,7 @@ class StepResult:
     weights: dict[str, float]
     requests: list[dict[str, int]]
     accepted_counts: list[dict[str, int]]
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def accepted(self) -> list[Group]:
@@ -101,6 +126,7 @@ class StepResult:
             "rps/batch_size": float(len(self.batch)),
             "rps/num_padded": float(sum(self.padded)),
             "rps/generated": float(sum(self.generated.values())),
+            "rps/dropped": float(sum(self.dropped.values())),
         }
         for k in self.targets:
             out[f"task/{k}/weight"] = self.weights[k]

@@ -36,6 +36,32 @@ both). One ``run_step``:
    groups, flagged in ``StepResult.padded``, to keep JAX shapes static (under the lenient
    filters they have zero advantage; under ``"strict"`` mask them with ``padded``).
 
+**Streamed** (``run_step_streamed``, for a continuous-batching rollout engine): the same targets,
+``m_k``, filter, trim and fill, but a stream of finished groups replaces the rounds. The sampler
+``submit``s prompts, takes groups from ``finished()`` as they finish, and after every return
+re-decides: done as soon as the batch is not short ("short" as in step 3, for each setting and
+schedule), then ``cancel()`` drops whatever is still in flight (``StepResult.dropped``).
+Otherwise, with ``a_k = 1 - rho_k`` the acceptance estimate and ``m_k ~ 1/a_k`` its AAS
+inflation, it keeps enough prompts in flight that the expected acceptances cover the need:
+
+* ratios preserved: per task ``ceil(def_k * m_k)`` in flight (``def_k = max(n_k - c_k, 0)``);
+* not preserved, and for ``schedule="code"`` while fewer than ``B`` are accepted:
+  ``ceil((B - accepted) * sum_k z_k m_k)`` in flight in all, the missing ones split by
+  ``draw_mode`` from ``p ∝ z*m`` (round 1's distribution);
+* at least ``stream_min_outstanding`` in flight in all (default ``B // 2``), the extra split
+  from the distribution step 3 would draw the next round from (``z*m`` or ``def*m``). More in
+  flight keeps the engine busy while stragglers finish but means more cancelled work at the end;
+  0 submits only what the acceptance estimate asks for.
+
+The budget is the round schedule's cap, ``max_rounds * R`` prompts per step (a ``submit`` is
+shrunk to what is left); when it is spent and every submitted group has finished while the
+batch is still short, the step ends with ``hit_cap``. ``rho`` takes one EMA step per task at the
+end of the step, from the filtered fraction of the groups that finished (cancelled ones do not
+count), not one per round; with AAS the inflation therefore stays ``m_k`` of the step's start
+throughout it. ``"scaled"`` targets are drawn as in ``run_step``, but never serve as a first
+request. ``round_multiple`` only sizes the budget: the stream shares prompts between hosts.
+Randomness is a pure function of ``(seed, step)`` and the order in which groups finish.
+
 Defaults follow the suggested settings: paper Alg. 2 with ``M_os = 3``, AAS on with ``M_acc =
 5`` (App. E), ``rho`` EMA 0.9, 10 rounds, the zero-variance (``"lenient"``) filter (the
 released code).
@@ -56,7 +82,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgrpo.data.groups import FILTERS, Group, StepResult, is_filtered
+from jaxgrpo.data.groups import FILTERS, Group, GroupStream, StepResult, is_filtered
 from jaxgrpo.data.task_sampler import _check_int, _normalized, largest_remainder
 
 TARGET_MODES = ("multinomial", "scaled", "exact")
@@ -106,6 +132,17 @@ class _StepPool:
         self.generated = np.zeros(self.num_tasks, np.int64)
         self.filtered = np.zeros(self.num_tasks, np.int64)
         self.zero_adv = np.zeros(self.num_tasks, np.int64)
+        self.have = np.zeros(self.num_tasks, np.int64)  # accepted so far, per task
+        self.dropped = np.zeros(self.num_tasks, np.int64)  # cancelled in flight (streamed)
+
+    def snapshot(self, names: Sequence[str]) -> None:
+        """Appends the cumulative per-task accepted counts to ``accepted_counts``."""
+        self.accepted_counts.append(dict(zip(names, map(int, self.have), strict=True)))
+
+
+def _ceil(x) -> np.ndarray:
+    """``ceil`` that ignores float noise below 1e-6 (``ceil(0.1 * 30)`` is 3, not 4)."""
+    return np.ceil(np.asarray(x, dtype=np.float64) - 1e-6).astype(np.int64)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -137,6 +174,8 @@ class RatioPreservingSampler:
       fill: ``"accepted"``, ``"pad"`` or ``"none"`` (module docstring, step 4).
       round_multiple: round sizes are rounded up to a multiple of this (e.g. the host count).
       correct: reward threshold for "correct" in the strict filter.
+      stream_min_outstanding: ``run_step_streamed`` only: the fewest prompts kept in flight
+        while the batch is short (module docstring, "Streamed"); ``None`` means ``B // 2``.
       seed: non-negative int; step ``t`` uses ``np.random.default_rng([seed, t])``.
 
     Example (prompts from a ``TaskSampler``; odd records give mixed rewards, even ones all-1):
@@ -170,6 +209,7 @@ class RatioPreservingSampler:
         fill: str = "accepted",
         round_multiple: int = 1,
         correct: float = 1.0 - 1e-6,
+        stream_min_outstanding: int | None = None,
         seed: int = 0,
     ):
         names = tuple(task_names)
@@ -196,6 +236,10 @@ class RatioPreservingSampler:
         self.preserve_from_step = _check_int("preserve_from_step", preserve_from_step, minimum=0)
         self.round_multiple = _check_int("round_multiple", round_multiple, minimum=1)
         self.correct = float(correct)
+        self.stream_min_outstanding = (
+            self.batch_size // 2 if stream_min_outstanding is None
+            else _check_int("stream_min_outstanding", stream_min_outstanding, minimum=0)
+        )
         self.seed = _check_int("seed", seed, minimum=0)
         self.round_size = self.round_multiple * math.ceil(
             self.oversample * self.batch_size / self.round_multiple - 1e-9
@@ -245,22 +289,52 @@ class RatioPreservingSampler:
         ref = self._split(self.round_size, z, rng)
         return np.asarray([round(b * r / self.round_size) for r in ref], dtype=np.int64), ref
 
+    def _check_groups(self, groups, seen: set[str], who: str) -> np.ndarray:
+        """Validates returned groups (type, task, uid unique in the step); per-task counts."""
+        got = np.zeros(len(self.task_names), np.int64)
+        for g in groups:
+            if not isinstance(g, Group):
+                raise TypeError(f"{who} must return Group objects, got {type(g).__name__}")
+            if g.task not in self.task_names:
+                raise ValueError(f"{who} returned a group of unknown task {g.task!r}")
+            if g.uid in seen:
+                raise ValueError(f"{who} returned uid {g.uid!r} twice in one step")
+            seen.add(g.uid)
+            got[self.task_names.index(g.task)] += 1
+        return got
+
     def _generate(self, generate, counts: np.ndarray, seen: set[str]) -> list[Group]:
         requests = dict(zip(self.task_names, (int(c) for c in counts), strict=True))
         groups = list(generate(requests))
-        got = dict.fromkeys(self.task_names, 0)
-        for g in groups:
-            if not isinstance(g, Group):
-                raise TypeError(f"generate must return Group objects, got {type(g).__name__}")
-            if g.task not in got:
-                raise ValueError(f"generate returned a group of unknown task {g.task!r}")
-            if g.uid in seen:
-                raise ValueError(f"generate returned uid {g.uid!r} twice in one step")
-            seen.add(g.uid)
-            got[g.task] += 1
+        got = self._check_groups(groups, seen, "generate")
+        got = dict(zip(self.task_names, map(int, got), strict=True))
         if got != requests:
             raise ValueError(f"generate returned per-task counts {got} for requests {requests}")
         return groups
+
+    def _file(self, pool: _StepPool, groups: Sequence[Group]) -> tuple[np.ndarray, np.ndarray]:
+        """Filters ``groups`` into ``pool``; per-task generated and filtered counts."""
+        names = self.task_names
+        r_gen = np.zeros(len(names), np.int64)
+        r_filt = np.zeros(len(names), np.int64)
+        for g in groups:
+            k = names.index(g.task)
+            r_gen[k] += 1
+            pool.zero_adv[k] += is_filtered(g.rewards, "lenient")
+            if is_filtered(g.rewards, self.filter, correct=self.correct):
+                r_filt[k] += 1
+                pool.rejected.append((k, g))
+            else:
+                pool.accepted.append((k, g))
+                pool.have[k] += 1
+        pool.generated += r_gen
+        pool.filtered += r_filt
+        return r_gen, r_filt
+
+    def _ema(self, r_gen: np.ndarray, r_filt: np.ndarray) -> None:
+        """One EMA step of ``rho`` for every task with generated groups."""
+        hit, d = r_gen > 0, self.rho_decay
+        self.rho[hit] = d * self.rho[hit] + (1 - d) * r_filt[hit] / r_gen[hit]
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -306,28 +380,12 @@ class RatioPreservingSampler:
         """Generates one round, filters it into ``pool`` and takes one EMA step of ``rho``."""
         names = self.task_names
         pool.requests.append(dict(zip(names, (int(c) for c in counts), strict=True)))
-        r_gen = np.zeros(len(names), np.int64)
-        r_filt = np.zeros(len(names), np.int64)
-        for g in self._generate(generate, counts, pool.seen):
-            k = names.index(g.task)
-            r_gen[k] += 1
-            pool.zero_adv[k] += is_filtered(g.rewards, "lenient")
-            if is_filtered(g.rewards, self.filter, correct=self.correct):
-                r_filt[k] += 1
-                pool.rejected.append((k, g))
-            else:
-                pool.accepted.append((k, g))
-        pool.generated += r_gen
-        pool.filtered += r_filt
-        hit, d = r_gen > 0, self.rho_decay
-        self.rho[hit] = d * self.rho[hit] + (1 - d) * r_filt[hit] / r_gen[hit]
-        have = np.bincount([k for k, _ in pool.accepted], minlength=len(names))
-        pool.accepted_counts.append(dict(zip(names, map(int, have), strict=True)))
+        self._ema(*self._file(pool, self._generate(generate, counts, pool.seen)))
+        pool.snapshot(names)
 
     def _next_round(self, pool: _StepPool, z, targets, preserve) -> tuple[bool, np.ndarray]:
         """Whether the batch is still short, and the next round's distribution (step 3)."""
-        have = np.asarray(list(pool.accepted_counts[-1].values()))
-        deficit = np.maximum(targets - have, 0)
+        deficit = np.maximum(targets - pool.have, 0)
         short_total = len(pool.accepted) < self.batch_size
         m = self.inflation()
         if not preserve:
@@ -335,6 +393,94 @@ class RatioPreservingSampler:
         if self.schedule == "paper":
             return bool(deficit.sum() > 0), deficit * m
         return short_total or bool(deficit.sum() > 0), z * m if short_total else deficit * m
+
+    # ---- one step from a stream of finished groups -------------------------------------------
+
+    def run_step_streamed(
+        self, weights: Mapping[str, float] | Sequence[float] | None, stream: GroupStream
+    ) -> StepResult:
+        """Builds one training batch from groups as they finish; advances ``step`` and ``rho``.
+
+        The same targets, filter, trim and fill as ``run_step``; only the generation schedule
+        differs (module docstring, "Streamed").
+
+        Args:
+          weights: task weights ``z`` (sum 1) for this step; ``None`` means uniform.
+          stream: a ``GroupStream``: ``submit(requests)`` enqueues that many new prompts per
+            task, ``finished()`` blocks until some submitted group has finished and returns the
+            finished groups not returned before, ``cancel()`` drops the rest and returns how
+            many it dropped. Uids must be unique within the step.
+        """
+        z = self._weights(weights)
+        rng = np.random.default_rng([self.seed, self.step])
+        preserve = self.preserve_ratios and self.step + 1 >= self.preserve_from_step
+        m = self.inflation()  # rho moves only at the end of a streamed step
+        targets, _ = self._targets(z, rng)
+        names = self.task_names
+        pool = _StepPool(len(names))
+        outstanding = np.zeros(len(names), np.int64)
+        left = self.max_rounds * self.round_size  # the prompt budget of the round schedule
+        while True:
+            counts = self._stream_counts(pool, z, targets, preserve, m, outstanding, left, rng)
+            if counts is None:  # not short: done
+                break
+            if counts.sum() > 0:
+                if pool.requests:
+                    pool.snapshot(names)
+                request = dict(zip(names, (int(c) for c in counts), strict=True))
+                pool.requests.append(request)
+                stream.submit(dict(request))
+                outstanding += counts
+                left -= int(counts.sum())
+            if outstanding.sum() == 0:  # budget spent, every group in: the cap
+                break
+            groups = list(stream.finished())
+            if not groups:
+                raise ValueError(f"stream.finished() returned no group while "
+                                 f"{int(outstanding.sum())} prompts are outstanding")
+            got = self._check_groups(groups, pool.seen, "stream.finished()")
+            if np.any(got > outstanding):
+                k = int(np.argmax(got > outstanding))
+                raise ValueError(f"stream.finished() returned {int(got[k])} groups of task "
+                                 f"{names[k]!r}, but only {int(outstanding[k])} were outstanding")
+            outstanding -= got
+            self._file(pool, groups)
+        hit_cap = counts is not None
+        pool.snapshot(names)
+        if outstanding.sum() > 0:
+            dropped = stream.cancel()
+            if dropped != outstanding.sum():
+                raise ValueError(f"stream.cancel() dropped {dropped} prompts, but "
+                                 f"{int(outstanding.sum())} were outstanding")
+            pool.dropped += outstanding
+        self._ema(pool.generated, pool.filtered)
+        batch = self._select(pool.accepted, pool.rejected, targets, preserve, rng)
+        return self._result(z, targets, m, batch, hit_cap, pool)
+
+    def _stream_counts(self, pool, z, targets, preserve, m, outstanding, left, rng):
+        """The next ``submit``'s per-task counts; ``None`` when the batch is not short."""
+        short, p = self._next_round(pool, z, targets, preserve)
+        if not short:
+            return None
+        b, accepted = self.batch_size, len(pool.accepted)
+        counts = np.zeros(len(self.task_names), np.int64)
+        if preserve:  # enough in flight per task that the expected acceptances cover def_k
+            deficit = np.maximum(targets - pool.have, 0)
+            counts = np.maximum(_ceil(deficit * m) - outstanding, 0)
+        if not preserve or (self.schedule == "code" and accepted < b):
+            # B - accepted over tasks in z: sum_k z_k * m_k prompts per missing group, drawn
+            # from p = z*m as round 1.
+            missing = int(_ceil((b - accepted) * float(np.sum(z * m)))) - int(
+                (outstanding + counts).sum())
+            if missing > 0:
+                counts += self._split(missing, z * m, rng)
+        extra = self.stream_min_outstanding - int((outstanding + counts).sum())
+        if extra > 0:
+            counts += self._split(extra, p, rng)
+        total = int(counts.sum())
+        if total > left:  # the budget: shrink in proportion, never above the counts
+            counts = np.asarray(largest_remainder(list(counts / total), left), dtype=np.int64)
+        return counts
 
     def _select(self, accepted, rejected, targets, preserve, rng) -> list[tuple[int, Group, bool]]:
         """Trim to the targets and fill (module docstring, step 4); sorted by task, then order."""
@@ -403,6 +549,7 @@ class RatioPreservingSampler:
             weights=per_task(z),
             requests=pool.requests,
             accepted_counts=pool.accepted_counts,
+            dropped=per_task(pool.dropped, int),
         )
         self.step += 1
         return result
