@@ -407,10 +407,16 @@ class DynamicSamplingConfig:
     oversample: float = 3.0  # M_os
     max_rounds: int = 10  # generation rounds per step, the first included (code's N_rs)
     filter: Filter = Filter.STRICT
+    # Stream finished groups into the batch sampler (rollout.engine=paged): prompts are fed
+    # while decoding runs and the step's generation stops once every per-task count is met;
+    # prompts still in flight then are dropped. The budget stays max_rounds rounds of prompts.
+    stream: bool = False
 
     def __post_init__(self):
         _need(self.oversample >= 1, "algo.sampling.oversample", ">= 1", self.oversample)
         _positive("algo.sampling.max_rounds", self.max_rounds)
+        _need(isinstance(self.stream, bool), "algo.sampling.stream", "true or false",
+              self.stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -728,6 +734,9 @@ class ExperimentConfig:
             _need(len(self.tasks.mixture) >= need, "tasks.mixture", f"at least {need} tasks "
                   f"for {self.algo.name}", [t.spec for t in self.tasks.mixture])
         cc, rc = self.compile, self.rollout
+        if self.algo.sampling.stream and rc.engine != "paged":
+            raise ConfigError("'algo.sampling.stream' needs the paged engine: set "
+                              "rollout.engine=paged (or algo.sampling.stream=false)")
         for k, top, what in (("mean_prompt_tokens", max(rc.prompt_buckets),
                               "the largest of 'rollout.prompt_buckets'"),
                              ("mean_response_tokens", rc.max_new_tokens,

@@ -117,6 +117,18 @@ class Policy:
                                   self.mesh, local=local, **kw)
         return gen
 
+    def session(self, params, key, *, num_samples, max_new_tokens, temperature, top_k, top_p,
+                buckets):
+        """A paged-engine session (``PagedSession``) over ``params``, for streamed rollouts."""
+        from jaxgrpo.rollout.engine import PagedSession
+
+        state = nnx.merge_state(params, self.parts.rest)
+        return PagedSession(self.graphdef, state, key, num_samples=num_samples,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_ids=self.eos_ids, stop_sequences=(), greedy=False,
+                            pad_id=self.pad_id, prompt_width=max(buckets), buckets=buckets,
+                            options=self.paged)
+
     def for_rollout(self, params):
         """``params`` moved on device to the rollout layout (the same arrays if it is the
         training layout, e.g. ``fsdp=1``)."""
@@ -733,7 +745,21 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
             _rounds.append(g)
             return [Group(it.task, it.uid, tuple(g.rewards[i]), (r, i)) for i, it in enumerate(items)]
 
-        result = batcher.run_step(mt.weights() if mt is not None else ratios, generate)
+        weights = mt.weights() if mt is not None else ratios
+        if cfg.algo.sampling.stream:  # one device: no host blocks to gather
+            group_stream = rollouts.GroupStream(
+                policy.session(rollout_params, rng_lib.rollout_key(base_key, step, 0),
+                               num_samples=rc.group_size, max_new_tokens=rc.max_new_tokens,
+                               temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
+                               buckets=rc.prompt_buckets),
+                draw=prompts.draw, tasks=tasks, task_index=task_index, tokenizer=tokenizer,
+                prompt_buckets=rc.prompt_buckets, pad_id=pad_id, score_fn=verify,
+                with_blocks=blockwise, eos_ids=policy.eos_ids,
+                postprocess=lambda g: _apply_overlong(g, cfg))
+            result = batcher.run_step_streamed(weights, group_stream)
+            rounds = group_stream.parts
+        else:
+            result = batcher.run_step(weights, generate)
         if result.hit_cap:
             log(f"warning: step {step + 1}: dynamic sampling hit its round cap "
                 f"(algo.sampling.max_rounds={cfg.algo.sampling.max_rounds}): "
@@ -783,7 +809,9 @@ def _run(cfg: ExperimentConfig, mesh, *, resume: bool | str, stop_after: int | N
         host["perf/peak_flops"] = peak
         pending = (step, host, dev_metrics)
         if mt is not None:
-            mt.update([(r.correct, r.task_ids) for r in rounds],
+            # Streamed, the step's finished groups are one generation round (J_k: one EMA step).
+            seen = [rollouts.Groups.concat(rounds)] if cfg.algo.sampling.stream else rounds
+            mt.update([(r.correct, r.task_ids) for r in seen],
                       np.asarray(dev_metrics["task_improvement"]))
             host.update(mt.metrics())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:

@@ -3,7 +3,8 @@
 ``collect(...)`` is the stage between the task sampler and the advantages: prompts in, one
 :class:`Groups` out (``[P, G]`` rewards, correctness and the padded token arrays the train step
 needs). DAPO's dynamic sampling and MT-GRPO's ratio-preserving sampler call it repeatedly and
-keep the groups they want with :meth:`Groups.take`.
+keep the groups they want with :meth:`Groups.take`. :class:`GroupStream` is the streaming form:
+prompts fed to a paged-engine session, each finished prompt scored and handed to the sampler.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from jaxgrpo.data import Group
+from jaxgrpo.rollout import Rollout
 from jaxgrpo.train import hostio
 from jaxgrpo.train.blocks import rollout_block_ids
 
@@ -181,3 +184,63 @@ def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int, factor: flo
     start = max_len - buffer
     pen = np.clip((start - lengths) / buffer, -1.0, 0.0) * factor
     return pen.astype(np.float32)
+
+
+class GroupStream:
+    """Finished groups, one prompt at a time, for ``RatioPreservingSampler.run_step_streamed``.
+
+    ``submit(requests)`` draws that many prompts per task with ``draw`` and feeds them to a
+    paged-engine ``session`` (:class:`jaxgrpo.rollout.engine.PagedSession`) while it decodes;
+    ``finished()`` runs the session until some prompts have all their samples, scores them as
+    :func:`collect` does, and returns them as ``data.Group`` s whose payload ``(part, row)``
+    indexes :attr:`parts`; ``cancel()`` drops whatever is still in flight. Each prompt's
+    completions depend on the session's key and the prompt's position in the step's draw order
+    only (its uid), not on what else is in flight.
+    """
+
+    def __init__(self, session, *, draw: Callable, tasks: dict, task_index: dict[str, int],
+                 tokenizer, prompt_buckets: Sequence[int], pad_id: int, score_fn: Callable,
+                 with_blocks: bool = False, eos_ids: Sequence[int] = (),
+                 postprocess: Callable | None = None):
+        self.session, self._draw, self._tasks = session, draw, tasks
+        self._kw = dict(tasks=tasks, task_index=task_index, tokenizer=tokenizer,
+                        prompt_buckets=prompt_buckets, pad_id=pad_id, score_fn=score_fn,
+                        with_blocks=with_blocks, eos_ids=eos_ids)
+        self._postprocess = postprocess
+        self._waiting: dict[int, object] = {}  # uid -> task-sampler item
+        self._next_uid = 0
+        self.parts: list[Groups] = []  # every scored batch of finished prompts, in order
+        self.dropped = 0
+
+    def submit(self, requests: dict[str, int]) -> None:
+        items = self._draw(requests)
+        if not items:
+            return
+        texts = [self._tasks[it.task].prompt(it.record) for it in items]
+        ptoks, pmask = hostio.encode_prompts(self._kw["tokenizer"], texts,
+                                             self._kw["prompt_buckets"], self._kw["pad_id"])
+        uids = list(range(self._next_uid, self._next_uid + len(items)))
+        self._next_uid += len(items)
+        self._waiting.update(zip(uids, items, strict=True))
+        self.session.submit(ptoks, pmask, uids)
+
+    def finished(self) -> list[Group]:
+        done = self.session.run()
+        if not done:
+            return []
+        items = [self._waiting.pop(f.uid) for f in done]
+        rollout = Rollout(*(np.stack([getattr(f, name) for f in done]) for name in (
+            "tokens", "logprobs", "mask", "lengths", "truncated")))
+        g = collect(items, generate=lambda *_: rollout, key=None, **self._kw)
+        if self._postprocess is not None:
+            self._postprocess(g)
+        r = len(self.parts)
+        self.parts.append(g)
+        return [Group(it.task, it.uid, tuple(g.rewards[i]), (r, i)) for i, it in enumerate(items)]
+
+    def cancel(self) -> int:
+        dropped = self.session.cancel()
+        for uid in dropped:
+            self._waiting.pop(uid, None)
+        self.dropped += len(dropped)
+        return len(dropped)
