@@ -440,7 +440,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per task")
     ap.add_argument("--mixture", default="cpu-demo",
                     help="task mixture (a name in jaxgrpo.tasks.MIXTURES); default: the demo's")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.08, 0.10, 0.12, 0.15])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.10, 0.15, 0.20, 0.25])
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--smoke", action="store_true",
                     help="CI mode: 20 SFT steps, 3 RL steps, tiny eval, one seed")

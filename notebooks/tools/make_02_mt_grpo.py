@@ -117,7 +117,7 @@ plt.show()
 md("""
 ## 4. Every arm of the experiment
 
-`benchmarks/mtgrpo_experiment.py` runs GRPO, DAPO, MT-GRPO at two lambdas, GRPO+IWU and GRPO+RPS
+`benchmarks/mtgrpo_experiment.py` runs GRPO, DAPO, MT-GRPO (lambda 0.2), GRPO+IWU and GRPO+RPS
 from one shared SFT model over several seeds. Worst-task held-out accuracy over steps, mean over
 seeds with the min-max band, and the table the script printed.
 """)
