@@ -85,6 +85,8 @@ def overrides(args, arm: str, seed: int, workdir: pathlib.Path) -> list[str]:
         **(SMOKE if args.smoke else {}),
         **ARMS[arm],
     }
+    if args.stream and kv.get("algo.sampling.max_rounds", 1) > 1:  # the filtering arms
+        kv.update({"rollout.engine": "paged", "algo.sampling.stream": True})
     return [f"{k}={v}" for k, v in kv.items()]
 
 
@@ -205,7 +207,8 @@ def run_all(args) -> None:
 
 
 def _passthrough(args) -> list[str]:
-    out = ["--out", str(args.out), "--mixture", args.mixture, "--steps", str(args.steps), "--eval-every",
+    out = ["--out", str(args.out), "--mixture", args.mixture, *(["--stream"] if args.stream else []),
+           "--steps", str(args.steps), "--eval-every",
            str(args.eval_every), "--eval-prompts", str(args.eval_prompts)]
     return out + (["--smoke"] if args.smoke else [])
 
@@ -416,7 +419,8 @@ def report(args) -> dict:
     results = {"command": " ".join(["python", "benchmarks/mtgrpo_experiment.py", *sys.argv[1:]]),
                "settings": {"steps": args.steps, "eval_every": args.eval_every,
                             "eval_prompts": args.eval_prompts, "seeds": args.seeds,
-                            "arms": {a: ARMS[a] for a in args.arms}, "smoke": args.smoke},
+                            "arms": {a: ARMS[a] for a in args.arms}, "smoke": args.smoke,
+                            "stream": args.stream},
                "sft_accuracy": sft, "aggregate": agg,
                "comparisons": comparisons(agg, args.thresholds), "runs": runs}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -438,6 +442,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=200, help="RL steps per run")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per task")
+    ap.add_argument("--stream", action="store_true",
+                    help="the filtering arms stream finished groups from the paged engine into "
+                    "the batch sampler (algo.sampling.stream) instead of generating in rounds")
     ap.add_argument("--mixture", default="cpu-demo",
                     help="task mixture (a name in jaxgrpo.tasks.MIXTURES); default: the demo's")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.10, 0.15, 0.20, 0.25])

@@ -78,3 +78,21 @@ def test_comparisons_against_hand_computed_values():
     ratio = comp["to_threshold_ratio_vs_dapo"]["mt"]
     assert ratio["steps@0.15"] == pytest.approx(10 / 20)
     assert ratio["tokens@0.15"] == pytest.approx(1000 / 6000)
+
+
+def test_stream_flag_streams_the_filtering_arms_only(tmp_path):
+    mod = _load_module()
+    args = mod.parse_args(["--stream", "--out", str(tmp_path)])
+    for arm in mod.ARMS:
+        kv = dict(o.split("=", 1) for o in mod.overrides(args, arm, 0, tmp_path / arm))
+        filtering = arm in ("dapo", "mtgrpo_l0.2", "mtgrpo_l1.2", "grpo_rps")
+        assert (kv.get("algo.sampling.stream") == "True") == filtering, arm
+        assert (kv.get("rollout.engine") == "paged") == filtering, arm
+    plain = mod.parse_args(["--out", str(tmp_path)])
+    assert "algo.sampling.stream" not in dict(
+        o.split("=", 1) for o in mod.overrides(plain, "dapo", 0, tmp_path))
+    from jaxgrpo.config import load_config
+
+    cfg = load_config(None, [o for o in mod.overrides(args, "dapo", 0, tmp_path / "d")
+                             if not o.startswith("model.path=")])  # (no SFT model here)
+    assert cfg.algo.sampling.stream and cfg.rollout.engine == "paged"
