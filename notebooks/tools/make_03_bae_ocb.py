@@ -154,6 +154,39 @@ baseline.
 code("""
 print(res["fidelity"]["markdown"])
 """)
+md("""
+## 5. A task where accuracy moves
+
+The same three arms on countdown@1 in the same confidence format (`benchmarks/results/bae_countdown/`,
+made by `benchmarks/bae_experiment.py --set ...`, the command is in its `results.json`): here RL
+raises accuracy from about one half, so calibration is compared at similar accuracy. Accuracy and
+ECE of every arm, pooled over seeds with bootstrap SE, and each seed's ECE.
+""")
+code("""
+cd_path = pathlib.Path("benchmarks/results/bae_countdown/results.json")
+if cd_path.exists():
+    cd = json.loads(cd_path.read_text())
+    names = [a for a in ("sft", "rlcr", "bae_group_mean", "bae_ocb") if a in cd["pooled"]]
+    print(cd["command"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for ax, m in zip(axes, ("accuracy", "ece")):
+        vals = [cd["pooled"][a][m] for a in names]
+        errs = [cd["pooled"][a][f"{m}_se"] for a in names]
+        ax.bar(names, vals, yerr=errs, capsize=4, color="0.75")
+        for i, a in enumerate(names[1:], start=1):
+            per = [cd["per_seed"][a][str(s)][m] for s in cd["settings"]["seeds"]]
+            ax.plot([i] * len(per), per, "o", color="C1", ms=4)
+        ax.set_title(f"{m} (bars: pooled ± bootstrap SE; dots: seeds)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    for a in names:
+        r = cd["pooled"][a]
+        print(f"{a:15s} acc {r['accuracy']:.3f} ± {r['accuracy_se']:.3f}  "
+              f"ECE {r['ece']:.3f} ± {r['ece_se']:.3f}  AUROC {r['auroc']:.3f}  "
+              f"mean q {r['mean_conf']:.3f}")
+else:
+    print(f"no {cd_path}")
+""")
 
 nb = nbf.v4.new_notebook()
 nb["cells"] = cells
