@@ -29,7 +29,8 @@ def _assert_same_params(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "mt_grpo"])
+# GRPO (the default) resumes bit for bit in tests/train/test_preemption.py, through the command.
+@pytest.mark.parametrize("algo", ["dapo", "mt_grpo"])
 def test_interrupted_and_resumed_run_is_bitwise_identical(nano_model, tmp_path, monkeypatch,
                                                            algo):
     extra = {"algo.name": algo}
