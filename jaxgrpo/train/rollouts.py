@@ -210,7 +210,6 @@ class GroupStream:
         self._waiting: dict[int, object] = {}  # uid -> task-sampler item
         self._next_uid = 0
         self.parts: list[Groups] = []  # every scored batch of finished prompts, in order
-        self.dropped = 0
 
     def submit(self, requests: dict[str, int]) -> None:
         items = self._draw(requests)
@@ -242,5 +241,4 @@ class GroupStream:
         dropped = self.session.cancel()
         for uid in dropped:
             self._waiting.pop(uid, None)
-        self.dropped += len(dropped)
         return len(dropped)

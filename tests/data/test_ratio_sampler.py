@@ -177,24 +177,29 @@ def test_rho_is_a_per_round_ema_of_filtered_fractions():
             assert rps.rho[TASKS.index(t)] == pytest.approx(rho[t], abs=1e-12)
 
 
+def random_settings(rng) -> dict:
+    """A random combination of every sampler setting (the invariant tests draw many)."""
+    return dict(
+        target_mode=str(rng.choice(["multinomial", "exact", "scaled"])),
+        draw_mode=str(rng.choice(["multinomial", "exact"])),
+        oversample=float(rng.choice([1.0, 1.5, 3.0])),
+        max_inflation=float(rng.choice([1.0, 5.0])),
+        max_rounds=int(rng.integers(1, 5)),
+        schedule=str(rng.choice(["paper", "code"])),
+        filter=str(rng.choice(["strict", "lenient", "lenient_code", "none"])),
+        preserve_ratios=bool(rng.integers(2)),
+        fill=str(rng.choice(["accepted", "pad", "none"])),
+        round_multiple=int(rng.integers(1, 4)),
+    )
+
+
 def test_random_configurations_keep_the_invariants():
     rng = np.random.default_rng(4)
     for trial in range(40):
         k = int(rng.integers(1, 5))
         tasks = tuple(f"t{i}" for i in range(k))
         b = int(rng.integers(1, 20))
-        kw = dict(
-            target_mode=str(rng.choice(["multinomial", "exact", "scaled"])),
-            draw_mode=str(rng.choice(["multinomial", "exact"])),
-            oversample=float(rng.choice([1.0, 1.5, 3.0])),
-            max_inflation=float(rng.choice([1.0, 5.0])),
-            max_rounds=int(rng.integers(1, 5)),
-            schedule=str(rng.choice(["paper", "code"])),
-            filter=str(rng.choice(["strict", "lenient", "lenient_code", "none"])),
-            preserve_ratios=bool(rng.integers(2)),
-            fill=str(rng.choice(["accepted", "pad", "none"])),
-            round_multiple=int(rng.integers(1, 4)),
-        )
+        kw = random_settings(rng)
         rps = RatioPreservingSampler(tasks, b, seed=trial, **kw)
         gen = MockGenerator({t: float(rng.uniform(0, 1)) for t in tasks}, seed=trial)
         for _ in range(4):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxgrpo.data import Group, RatioPreservingSampler, is_filtered
-from tests.data.test_ratio_sampler import MIXED, RATES, TASKS, MockGenerator
+from tests.data.test_ratio_sampler import MIXED, RATES, TASKS, MockGenerator, random_settings
 
 
 class MockStream:
@@ -153,19 +153,7 @@ def test_random_configurations_keep_the_invariants():
     rng = np.random.default_rng(4)
     for trial in range(40):
         b = int(rng.integers(1, 20))
-        kw = dict(
-            target_mode=str(rng.choice(["multinomial", "exact", "scaled"])),
-            draw_mode=str(rng.choice(["multinomial", "exact"])),
-            oversample=float(rng.choice([1.0, 1.5, 3.0])),
-            max_inflation=float(rng.choice([1.0, 5.0])),
-            max_rounds=int(rng.integers(1, 5)),
-            schedule=str(rng.choice(["paper", "code"])),
-            filter=str(rng.choice(["strict", "lenient", "lenient_code", "none"])),
-            preserve_ratios=bool(rng.integers(2)),
-            fill=str(rng.choice(["accepted", "pad", "none"])),
-            round_multiple=int(rng.integers(1, 4)),
-            stream_min_outstanding=int(rng.integers(0, 2 * b + 1)),
-        )
+        kw = {**random_settings(rng), "stream_min_outstanding": int(rng.integers(0, 2 * b + 1))}
         rps = RatioPreservingSampler(TASKS, b, seed=trial, **kw)
         stream = MockStream({t: float(rng.uniform(0, 1)) for t in TASKS}, seed=trial,
                             order_seed=trial, burst=int(rng.integers(1, 5)))

@@ -1,6 +1,8 @@
 """The paged rollout engine: ragged paged attention, equality with the static sampler,
 reproducibility across slot counts, page accounting and no recompilation."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,20 +247,29 @@ def test_second_call_with_another_prompt_mix_compiles_nothing(model, opts):
     kw = dict(num_samples=3, max_new_tokens=TN, eos_ids=(5,), engine="paged", paged=opts,
               buckets=BUCKETS)
     generate(model, *_prompts([3]), jax.random.key(0), **kw)
+    with compiles_nothing():
+        r = generate(model, *_prompts([16, 1, 5, 9, 2], seed=1), jax.random.key(1), **kw)
+        jax.block_until_ready(r.tokens)
+
+
+@contextlib.contextmanager
+def compiles_nothing():
+    """Fails unless the block compiles nothing: no backend compile event and no new entry in
+    the engine's round or prefill caches."""
     compiles = []
 
     def listener(event, duration, **_):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
+    sizes = lambda: (engine_mod._round_jit._cache_size(), engine_mod._prefill_jit._cache_size())
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        sizes = (engine_mod._round_jit._cache_size(), engine_mod._prefill_jit._cache_size())
-        r = generate(model, *_prompts([16, 1, 5, 9, 2], seed=1), jax.random.key(1), **kw)
-        jax.block_until_ready(r.tokens)
+        before = sizes()
+        yield
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert (engine_mod._round_jit._cache_size(), engine_mod._prefill_jit._cache_size()) == sizes
+    assert sizes() == before
     assert compiles == []
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 from jaxgrpo.model import ModelConfig, Transformer
 from jaxgrpo.rollout import engine as engine_mod
 from jaxgrpo.rollout.engine import FinishedPrompt, PagedOptions, PagedSession
-from tests.rollout.test_engine import BUCKETS, SMALL, TN, V, _prompts
+from tests.rollout.test_engine import BUCKETS, SMALL, TN, V, _prompts, compiles_nothing
 
 G = 4
 # Sampled, with EOS and a stop sequence: completions of many lengths, some ended, some not.
@@ -183,15 +183,7 @@ def test_later_sessions_and_submits_compile_nothing(split_model):
     s = _session(split_model, opts)
     s.submit(*_prompts([3]), [0])
     _drain(s)
-    compiles = []
-
-    def listener(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        sizes = (engine_mod._round_jit._cache_size(), engine_mod._prefill_jit._cache_size())
+    with compiles_nothing():
         s2 = _session(split_model, opts, key=8)
         s2.submit(*_prompts([16, 1, 5, 9, 2], seed=1), range(5))
         s2.run()
@@ -200,10 +192,6 @@ def test_later_sessions_and_submits_compile_nothing(split_model):
         _drain(s2)
         s.submit(*_prompts([4, 4, 10], seed=3), [1, 2, 3])
         _drain(s)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert (engine_mod._round_jit._cache_size(), engine_mod._prefill_jit._cache_size()) == sizes
-    assert compiles == []
 
 
 @pytest.mark.parametrize("case,match", [

@@ -1,6 +1,5 @@
 """Streamed rollouts: finished groups from a paged-engine session feed the batch sampler."""
 
-import dataclasses
 import io
 import json
 
@@ -12,6 +11,7 @@ from jaxgrpo.data import TaskSampler
 from jaxgrpo.model import load_tokenizer
 from jaxgrpo.model.tokenizer import SHIPPED_DEMO_TOKENIZER
 from jaxgrpo.rollout import Rollout
+from jaxgrpo.rollout.engine import FinishedPrompt
 from jaxgrpo.tasks import get_task, score_many
 from jaxgrpo.train import loop
 from jaxgrpo.train.rollouts import GroupStream, collect
@@ -31,16 +31,6 @@ def test_config_needs_the_paged_engine(tmp_path):
     assert cfg.algo.sampling.stream
 
 
-@dataclasses.dataclass(frozen=True)
-class _Finished:
-    uid: int
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    mask: np.ndarray
-    lengths: np.ndarray
-    truncated: np.ndarray
-
-
 class _FakeSession:
     """Finishes the submitted prompts two per run(), in reverse uid order; each completion's
     tokens are a function of (uid, sample) only."""
@@ -53,7 +43,7 @@ class _FakeSession:
         lengths = rng.integers(1, TN + 1, G).astype(np.int32)
         mask = np.arange(TN)[None] < lengths[:, None]
         tokens = np.where(mask, rng.integers(4, self.vocab, (G, TN)), 0).astype(np.int32)
-        return _Finished(uid, tokens, np.where(mask, -0.5, 0.0).astype(np.float32), mask,
+        return FinishedPrompt(uid, tokens, np.where(mask, -0.5, 0.0).astype(np.float32), mask,
                          lengths, lengths == TN)
 
     def submit(self, tokens, mask, uids):
@@ -91,7 +81,7 @@ def test_group_stream_scores_each_finished_prompt_as_collect_does():
         {"reverse@1": 1, "countdown@1": 2})
     got = stream.finished() + stream.finished()
     assert [g.uid for g in got] == [items[u].uid for u in (5, 4, 3, 2)]
-    assert stream.cancel() == 2 and session.cancelled == [0, 1] and stream.dropped == 2
+    assert stream.cancel() == 2 and session.cancelled == [0, 1]
     for g in got:
         u = next(i for i, it in enumerate(items) if it.uid == g.uid)
         f = session.completion(u)
