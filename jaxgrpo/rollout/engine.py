@@ -505,6 +505,9 @@ class PagedSession:
         buckets: prompt-length buckets (see ``bucket_length``).
         options: a :class:`PagedOptions`.
         eos_logit_bias: added to the EOS logits before sampling.
+        time_prefill: wait for each prefill to finish so that ``prefill_seconds`` is its own
+            time (a host sync per prefill; off, the prefill overlaps the host's page
+            bookkeeping and its time is counted in ``round_seconds``).
 
     Attributes:
         stats: counters accumulated over the session: ``rounds``, ``decode_steps``,
@@ -517,7 +520,8 @@ class PagedSession:
 
     def __init__(self, graphdef, state, key, *, num_samples, max_new_tokens, temperature,
                  top_k, top_p, eos_ids, stop_sequences, greedy, pad_id, prompt_width, buckets,
-                 options: PagedOptions, eos_logit_bias: float = 0.0):
+                 options: PagedOptions, eos_logit_bias: float = 0.0,
+                 time_prefill: bool = False):
         if not isinstance(options, PagedOptions):
             raise TypeError(f"options must be a PagedOptions, got {type(options).__name__}")
         for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
@@ -555,6 +559,7 @@ class PagedSession:
         self._eos_E = eos_E
         self._temp = np.float32(1.0 if greedy else temperature)
         self._eos_bias = np.float32(eos_logit_bias)
+        self._time_prefill = bool(time_prefill)
 
         # Compile every row bucket's round and every prefill size now (a round with no active
         # row runs no step, a prefill of empty prompts writes the scratch page only), so that
@@ -761,7 +766,7 @@ class PagedSession:
                                        ppages)
             st["prefill_calls"] += 1
             st["prefilled_prompts"] += len(chunk)
-        if to_prefill:  # time the prefill apart from the round
+        if to_prefill and self._time_prefill:  # time the prefill apart from the round
             jax.block_until_ready(self._pools)
             st["prefill_seconds"] += time.perf_counter() - t0
         for s in np.flatnonzero(active):  # pages for this round's tokens
@@ -856,7 +861,8 @@ def generate_paged(graphdef, state, prompt_tokens, prompt_mask, key, *, num_samp
         graphdef, state, key, num_samples=num_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids,
         stop_sequences=stop_sequences, greedy=greedy, pad_id=pad_id, prompt_width=t,
-        buckets=buckets, options=options, eos_logit_bias=eos_logit_bias)
+        buckets=buckets, options=options, eos_logit_bias=eos_logit_bias,
+        time_prefill=stats is not None)
     session.submit(tokens, mask, range(p_count))
     done: dict[int, FinishedPrompt] = {}
     while session.outstanding:
